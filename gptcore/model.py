@@ -1,0 +1,236 @@
+"""The GPT-2 model: one module for every backend, with nanoGPT / Hugging Face parameter names.
+
+    model = GPT(GPTConfig.from_preset("gpt2"), backend="torch")
+    logits = model(idx)                  # idx (B, T) int64 -> (B, T, vocab)
+    loss = model.loss(idx, targets)      # mean cross-entropy
+
+The backend (see gptcore.ops) decides how LayerNorm, the MLP's bias+GELU and attention run;
+parameters and state_dict are identical across backends, so a checkpoint trained on one runs
+on another. ``model.backend_report()`` says which implementation each op uses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptcore.config import GPTConfig
+from gptcore.ops import BACKENDS, Ops, default_backend, get_ops
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device=None):
+    """cos, sin of shape (length, head_dim) for rotate-half rotary embeddings."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    ang = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv)  # (T, D/2)
+    ang = torch.cat([ang, ang], dim=-1)  # (T, D)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, D); cos/sin: (T, D) for the positions of x."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rot * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)
+        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
+        self.drop_rate = cfg.drop_rate
+        self.resid_drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, ops: Ops, rope=None, kv_cache=None, layer: int = 0):
+        B, T, C = x.shape
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            # The cache stores k, v at this call's positions and returns everything seen so far.
+            k, v = kv_cache.update(layer, k, v)
+        p = self.drop_rate if self.training else 0.0
+        y = ops.attention(q, k, v, causal=True, dropout_p=p, scale=None)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.emb_dim, cfg.ff_dim)
+        self.c_proj = nn.Linear(cfg.ff_dim, cfg.emb_dim)
+        self.drop = nn.Dropout(cfg.drop_rate)
+
+    def forward(self, x, ops: Ops):
+        # bias+GELU is one op so the triton backend can fuse it into one pass.
+        h = ops.fc_gelu(x, self.c_fc.weight, self.c_fc.bias)
+        return self.drop(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.emb_dim, eps=cfg.ln_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.emb_dim, eps=cfg.ln_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, branch, resid, ops: Ops, rope=None, kv_cache=None, layer: int = 0):
+        """Pre-LN block on a residual stream carried as (pending branch output, stream).
+
+        resid = resid + branch is fused into each LayerNorm (ops.layer_norm with residual=...),
+        so the residual adds cost no extra pass. Returns the new (branch, resid).
+        """
+        y, resid = _add_ln(branch, resid, self.ln_1, ops)
+        branch = self.attn(y, ops, rope, kv_cache, layer)
+        y, resid = _add_ln(branch, resid, self.ln_2, ops)
+        return self.mlp(y, ops), resid
+
+
+def _add_ln(branch, resid, ln: nn.LayerNorm, ops: Ops):
+    if branch is None:
+        return ops.layer_norm(resid, ln.weight, ln.bias, ln.eps), resid
+    return ops.layer_norm(branch, ln.weight, ln.bias, ln.eps, residual=resid)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig, backend: Optional[str] = None):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.emb_dim),
+            drop=nn.Dropout(config.drop_rate),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            ln_f=nn.LayerNorm(config.emb_dim, eps=config.ln_eps),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.context_length, config.emb_dim)
+        else:
+            cos, sin = rope_tables(config.head_dim, config.context_length, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.reset_parameters()
+        self.set_backend(backend or default_backend())
+
+    # ---- setup -----------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)."""
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                std = resid_std if name.endswith("c_proj") else 0.02
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def set_backend(self, backend: str) -> "GPT":
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.ops = get_ops(backend)
+        self.backend = backend
+        return self
+
+    def backend_report(self) -> dict[str, str]:
+        """Which implementation each op runs on this backend (fallbacks are named as such)."""
+        return dict(self.ops.report)
+
+    # ---- forward ---------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, kv_cache=None, start_pos: int = 0) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab).
+
+        With a kv_cache, idx holds the tokens at positions [start_pos, start_pos + T) and the
+        cache supplies the keys/values of earlier positions.
+        """
+        hidden = self.hidden_states(idx, kv_cache, start_pos)
+        return self.lm_head(hidden)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache=None, start_pos: int = 0) -> torch.Tensor:
+        """Final-LayerNorm output (B, T, C), before the LM head."""
+        if idx.dim() != 2:
+            raise ValueError(f"GPT expects token ids of shape (B, T), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"GPT expects integer token ids, got {idx.dtype}")
+        B, T = idx.shape
+        cfg = self.config
+        if start_pos + T > cfg.context_length:
+            raise ValueError(
+                f"sequence of {start_pos + T} positions exceeds the model's context_length "
+                f"{cfg.context_length}; crop the input (e.g. idx[:, -{cfg.context_length}:])"
+            )
+        if not idx.is_cuda and idx.numel():
+            # Cheap on the CPU; on a GPU this check would cost a host sync per step.
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= cfg.vocab_size:
+                raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])
+        resid = self.transformer.drop(x)
+        branch = None
+        for i, block in enumerate(self.transformer.h):
+            branch, resid = block(branch, resid, self.ops, rope, kv_cache, i)
+        ln = self.transformer.ln_f
+        y, _ = _add_ln(branch, resid, ln, self.ops)
+        return y
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of targets (B, T) given idx (B, T)."""
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
+        logits = self(idx)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+
+    # ---- accounting ------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once). non_embedding drops token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per weight multiply-add (6 with backward) plus attention.
+
+        Counts every matrix product, the LM head included (PaLM appendix B / nanoGPT's
+        estimate_mfu use 6N + 12 L H D T for training).
+        """
+        cfg = self.config
+        T = cfg.context_length if seq_len is None else seq_len
+        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.emb_dim  # + LM head matmul
+        attn = 4 * cfg.n_layers * cfg.emb_dim * T  # QK^T and PV over T keys, no causal discount (as nanoGPT)
+        fwd = 2 * n + attn
+        return 3 * fwd if training else fwd
+
+    def estimate_memory(self, batch_size: int, seq_len: int, dtype=torch.bfloat16, training: bool = True) -> dict:
+        """Rough bytes for weights, grads, AdamW state and activations (a planning aid, not a promise)."""
+        cfg = self.config
+        p = self.num_params()
+        el = torch.finfo(dtype).bits // 8
+        params = p * 4  # fp32 master weights
+        grads = p * 4 if training else 0
+        adam = p * 8 if training else 0
+        # per layer, per token: ~ 34 C bytes of bf16 activations (Korthikanti et al.), no T x T with flash
+        act = cfg.n_layers * batch_size * seq_len * cfg.emb_dim * 17 * el if training else 0
+        logits = batch_size * seq_len * cfg.vocab_size * (el + 4)
+        return {"params": params, "grads": grads, "optimizer": adam, "activations": act, "logits": logits,
+                "total": params + grads + adam + act + logits}

@@ -1,0 +1,136 @@
+"""The ops layer: one small table that maps each op the model needs to an implementation.
+
+Backends (DESIGN.md):
+  reference  the textbook math in plain PyTorch (gptcore.kernels.reference): the oracle
+  torch      PyTorch's own fused ops (scaled_dot_product_attention, F.layer_norm, F.gelu):
+             what a nanoGPT user runs today, the baseline to beat
+  triton     gptcore's kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+
+Every op has the same signature in every backend:
+  layer_norm(x, weight, bias, eps, residual=None) -> y  or (y, x + residual)
+  fc_gelu(x, weight, bias)                       -> gelu_tanh(x @ weight.T + bias)
+  attention(q, k, v, causal, dropout_p, scale)   -> (B, H, Tq, D); causal aligns queries to the
+                                                    end of the keys when Tq < Tk
+The model never imports a kernel directly; it asks ``get_ops(backend)``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gptcore.kernels import reference as ref
+
+BACKENDS = ("reference", "torch", "triton")
+
+
+# ---- torch backend: PyTorch's fused ops -----------------------------------------------------
+def _torch_layer_norm(x, weight, bias, eps=1e-5, residual=None):
+    if residual is None:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    h = x + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
+
+
+def _torch_fc_gelu(x, weight, bias):
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+
+
+def _torch_attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
+    tq, tk = q.shape[-2], k.shape[-2]
+    if causal and tq != tk:
+        # SDPA's is_causal aligns top-left; queries at the end of the keys need an explicit mask.
+        mask = ref.causal_mask(tq, tk, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)
+
+
+def _torch_gelu(x, bias=None):
+    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+
+
+# ---- reference backend ------------------------------------------------------------------------
+def _ref_fc_gelu(x, weight, bias):
+    return ref.gelu_ref(F.linear(x, weight), bias)
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The implementations one backend uses, and a human-readable line per op saying which."""
+
+    backend: str
+    layer_norm: Callable
+    fc_gelu: Callable
+    gelu: Callable
+    attention: Callable
+    report: dict = field(default_factory=dict)
+
+
+def triton_status() -> str | None:
+    """None if Triton kernels can run here; otherwise the reason they cannot."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed (it ships for Linux only); use backend='torch'"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return (
+            "no CUDA GPU is visible and TRITON_INTERPRET=1 is not set; use backend='torch', "
+            "or set TRITON_INTERPRET=1 to run the kernels (slowly) on the CPU"
+        )
+    return None
+
+
+# Kernel modules of the triton backend: op name -> (module, function).
+_TRITON_KERNELS = {
+    "layer_norm": ("gptcore.kernels.layer_norm", "layer_norm"),
+    "gelu": ("gptcore.kernels.gelu", "gelu"),
+    "attention": ("gptcore.kernels.attention", "attention"),
+}
+
+
+def _load_triton_kernel(op: str) -> Callable | None:
+    mod_name, fn_name = _TRITON_KERNELS[op]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        if e.name == mod_name:
+            return None  # this kernel does not exist yet: the caller falls back and says so
+        raise
+    return getattr(mod, fn_name)
+
+
+def get_ops(backend: str) -> Ops:
+    if backend == "reference":
+        rep = {"layer_norm": "reference", "fc_gelu": "reference", "attention": "reference"}
+        return Ops("reference", ref.layer_norm_ref, _ref_fc_gelu, ref.gelu_ref, ref.attention_ref, rep)
+    if backend == "torch":
+        rep = {"layer_norm": "torch F.layer_norm", "fc_gelu": "torch F.linear+F.gelu",
+               "attention": "torch scaled_dot_product_attention"}
+        return Ops("torch", _torch_layer_norm, _torch_fc_gelu, _torch_gelu, _torch_attention, rep)
+    if backend == "triton":
+        why = triton_status()
+        if why is not None:
+            raise RuntimeError(f"backend 'triton' cannot run here: {why}")
+        impl = {}
+        rep = {}
+        fallbacks = {"layer_norm": _torch_layer_norm, "gelu": _torch_gelu, "attention": _torch_attention}
+        for op, fb in fallbacks.items():
+            fn = _load_triton_kernel(op)
+            impl[op] = fn if fn is not None else fb
+            rep[op] = "triton" if fn is not None else f"torch (fallback: {_TRITON_KERNELS[op][0]} not available)"
+        gelu = impl["gelu"]
+
+        def fc_gelu(x, weight, bias):
+            return gelu(F.linear(x, weight), bias)
+
+        rep["fc_gelu"] = "torch F.linear + " + ("triton gelu(bias)" if rep["gelu"] == "triton" else rep["gelu"])
+        return Ops("triton", impl["layer_norm"], fc_gelu, gelu, impl["attention"], rep)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def default_backend() -> str:
+    """The fastest backend that can run here: triton on a CUDA GPU, else torch."""
+    return "triton" if torch.cuda.is_available() and triton_status() is None else "torch"

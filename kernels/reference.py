@@ -1,0 +1,70 @@
+"""Reference twins of gptcore's kernels: the textbook math in plain PyTorch.
+
+Each function has the signature of the fast kernel it checks and computes in the dtype of its
+inputs (call it on float64 copies for an oracle). These are the `reference` backend of the model
+and the ground truth of every kernel test; they are written to be obviously right, not fast.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def layer_norm_ref(x, weight, bias, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dim from the mean and (biased) variance.
+
+    With ``residual``: h = x + residual; returns (layer_norm(h), h).
+    """
+    h = x if residual is None else x + residual
+    mean = h.mean(dim=-1, keepdim=True)
+    var = ((h - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = (h - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y if residual is None else (y, h)
+
+
+def gelu_ref(x, bias=None):
+    """GPT-2's tanh-approximation GELU of (x + bias): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
+    z = x if bias is None else x + bias
+    return 0.5 * z * (1.0 + torch.tanh(GELU_C * (z + 0.044715 * z**3)))
+
+
+def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
+    """(t_q, t_k) bool mask, True where query i may see key j.
+
+    Queries are the *last* t_q positions of the key sequence (bottom-right alignment): query i
+    sits at position P + i with P = t_k - t_q and sees keys 0..P+i. This is what prefill over a
+    KV cache needs; for t_q == t_k it is the usual lower triangle.
+    """
+    if t_q > t_k:
+        raise ValueError(f"causal attention needs t_q <= t_k, got t_q={t_q}, t_k={t_k}")
+    i = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
+    j = torch.arange(t_k, device=device)[None, :]
+    return j <= i
+
+
+def attention_ref(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=None, dropout_mask=None):
+    """Explicit masked-softmax attention.
+
+    q: (B, H, Tq, D); k, v: (B, H, Tk, D) with Tq <= Tk for causal (queries at the end).
+    dropout_mask: optional bool (B, H, Tq, Tk), True = keep; kept probabilities are scaled by
+    1/(1-dropout_p). Without a mask and with dropout_p > 0 one is drawn from torch's RNG.
+    """
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = (q @ k.transpose(-2, -1)) * scale  # (B, H, Tq, Tk)
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    low = s.dtype in (torch.float16, torch.bfloat16)
+    p = torch.softmax(s.float() if low else s, dim=-1).to(q.dtype)
+    if dropout_p > 0.0 or dropout_mask is not None:
+        if dropout_mask is None:
+            dropout_mask = torch.rand_like(p, dtype=torch.float32) >= dropout_p
+        p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
+    return p @ v
