@@ -1,0 +1,26 @@
+"""DESIGN.md's correctness rule as one helper.
+
+The fast path's error against a high-precision oracle may be at most ``factor`` times the error
+of a low-precision reference computed the ordinary way, plus a small absolute floor:
+
+    max|fast - oracle| <= factor * max|lowprec_ref - oracle| + atol
+
+NaN anywhere in ``fast`` fails (outputs are poisoned with NaN before kernels run, so an
+unwritten element shows up here).
+"""
+import torch
+
+
+def assert_error_within(fast, lowprec, oracle, factor: float = 2.0, atol: float = 1e-5, name: str = "output"):
+    fast, lowprec, oracle = (t.detach().double() for t in (fast, lowprec, oracle))
+    assert fast.shape == oracle.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(oracle.shape)}"
+    assert not torch.isnan(fast).any(), f"{name}: NaN in output (unwritten element or overflow)"
+    err = (fast - oracle).abs().max().item()
+    ref_err = (lowprec - oracle).abs().max().item()
+    bound = factor * ref_err + atol
+    assert err <= bound, f"{name}: max error {err:.3e} > {factor} x reference error {ref_err:.3e} + {atol:.1e}"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a float tensor with NaN (for outputs a kernel must overwrite)."""
+    return t.fill_(float("nan"))
