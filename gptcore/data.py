@@ -1,0 +1,331 @@
+"""Text -> tokens -> batches.
+
+    data = prepare("default")             # the embedded corpus (CPython's pydoc topics)
+    data = prepare("notes/*.txt")         # files, a folder, or a glob
+    x, y = data.get_batch("train", batch_size=8, block_size=256, generator=g)
+
+``prepare`` tokenizes every source once (all cores, progress bar), documents separated by
+<|endoftext|>, and caches train.bin / val.bin (uint16 memmaps) next to a manifest.json holding
+the source hashes, tokenizer and counts; a later call with unchanged sources reuses them.
+
+The seeds' sliding-window ``GPTDataset(ids, max_length, stride)`` and ``create_dataloader``
+serve evaluation. Named corpora ``tinystories`` and ``shakespeare`` are downloaded on first use
+(online only; offline the error names the URL and the --data PATH alternative).
+
+Non-UTF-8 input: an error naming the file and byte offset by default; with
+``errors="replace"`` bad bytes become U+FFFD and the count is reported.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import json
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from gptcore.tokenizer import ENDOFTEXT, get_encoding
+
+MANIFEST_VERSION = 1
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+DOWNLOADS = {
+    "shakespeare": [
+        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    ],
+    "tinystories": [
+        "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
+        "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
+    ],
+}
+_PIECE_CHARS = 1 << 20  # tokenize in ~1 MB pieces so every core has work
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the problem and the fix."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GPTCORE_DATA_DIR", Path.home() / ".cache" / "gptcore" / "data"))
+
+
+# ---- sources ------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    name: str           # path, or "default:pydoc_data"
+    text: str | None = None   # in-memory text (the embedded corpus)
+
+    def read(self, errors: str = "strict") -> str:
+        if self.text is not None:
+            return self.text
+        raw = Path(self.name).read_bytes()
+        if not raw.strip():
+            raise DataError(f"{self.name} is empty (or only whitespace): nothing to train on")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if errors == "replace":
+                text = raw.decode("utf-8", errors="replace")
+                n = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+                print(f"gptcore.data: {self.name}: replaced {n} invalid UTF-8 sequence(s) with U+FFFD",
+                      file=sys.stderr)
+                return text
+            raise DataError(
+                f"{self.name} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r}). "
+                f"Convert it (e.g. iconv -f latin1 -t utf-8), or pass errors='replace' "
+                f"(--data-errors replace) to substitute U+FFFD for bad bytes"
+            ) from None
+
+    def fingerprint(self) -> dict:
+        if self.text is not None:
+            data = self.text.encode("utf-8")
+            return {"name": self.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        h = hashlib.sha256()
+        with open(self.name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+        return {"name": os.path.abspath(self.name), "bytes": os.path.getsize(self.name), "sha256": h.hexdigest()}
+
+
+def default_corpus() -> list[Source]:
+    """Real English text present on every machine with CPython: the pydoc help topics."""
+    from pydoc_data import topics
+
+    return [Source(f"default:pydoc_data/{k}", text=v) for k, v in sorted(topics.topics.items()) if v.strip()]
+
+
+def download(name: str, dest: Path | None = None) -> list[Path]:
+    """Fetch a named corpus into the cache (once). Offline: DataError naming the URLs."""
+    dest = Path(dest or cache_root() / "downloads" / name)
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for url in DOWNLOADS[name]:
+        path = dest / url.rsplit("/", 1)[-1]
+        if not path.exists():
+            tmp = path.with_suffix(path.suffix + ".part")
+            try:
+                with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+                    total = int(r.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {path.name}") as bar:
+                        for block in iter(lambda: r.read(1 << 20), b""):
+                            f.write(block)
+                            bar.update(len(block))
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise DataError(
+                    f"could not download the {name!r} corpus from {url} ({e}). If this machine is "
+                    f"offline, fetch the file elsewhere and pass --data PATH (a file, folder or glob), "
+                    f"or train on the embedded default corpus (--data default)"
+                ) from None
+            tmp.replace(path)
+        paths.append(path)
+    return paths
+
+
+def resolve_sources(spec: str | os.PathLike | Sequence) -> list[Source]:
+    """'default', a named corpus, a file, a folder (its *.txt/*.md, recursively) or a glob."""
+    if isinstance(spec, (list, tuple)):
+        return [s for item in spec for s in resolve_sources(item)]
+    spec = str(spec)
+    if spec == "default":
+        return default_corpus()
+    if spec in DOWNLOADS:
+        return [Source(str(p)) for p in download(spec)]
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return [Source(str(p))]
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"folder {p} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        return [Source(str(f)) for f in files]
+    if any(c in spec for c in "*?["):
+        files = sorted(f for f in _glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"the pattern {spec!r} matches no files")
+        return [Source(f) for f in files]
+    raise DataError(
+        f"data source {spec!r} not found: give a text file, a folder, a glob, 'default' "
+        f"(the embedded corpus) or one of {sorted(DOWNLOADS)}"
+    )
+
+
+# ---- tokenization -----------------------------------------------------------------------------
+def _pieces(text: str) -> Iterable[str]:
+    """Cut a document into ~1 MB pieces just before a blank line, where GPT-2's pre-tokenizer
+    splits anyway, so the tokens equal those of the whole text."""
+    start = 0
+    while len(text) - start > _PIECE_CHARS:
+        cut = text.find("\n\n", start + _PIECE_CHARS)
+        while cut > 0 and text[cut - 1].isspace():
+            cut = text.find("\n\n", cut + 2)
+        if cut <= 0:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def tokenize_sources(sources: list[Source], tokenizer: str = "gpt2", errors: str = "strict",
+                     progress: bool = True) -> np.ndarray:
+    """All sources as one token array; each document ends with <|endoftext|>."""
+    enc = get_encoding(tokenizer)
+    eot = enc.eot_token
+    dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
+    threads = os.cpu_count() or 1
+    out: list[np.ndarray] = []
+    bar = tqdm(total=len(sources), unit="doc", desc="tokenize", disable=not progress or len(sources) < 2)
+    for src in sources:
+        text = src.read(errors)
+        for doc in text.split(ENDOFTEXT):  # a literal <|endoftext|> in the text separates documents
+            if not doc.strip():
+                continue
+            ids = enc.encode_ordinary_batch(list(_pieces(doc)), num_threads=threads)
+            for part in ids:
+                out.append(np.asarray(part, dtype=dtype))
+            out.append(np.array([eot], dtype=dtype))
+        bar.update(1)
+    bar.close()
+    if not out:
+        raise DataError("the data holds no text: every source was empty")
+    return np.concatenate(out)
+
+
+# ---- the prepared dataset -----------------------------------------------------------------------
+class TokenData:
+    """train.bin / val.bin memmaps and their manifest."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        dtype = np.dtype(self.manifest["dtype"])
+        self.splits = {
+            s: np.memmap(self.root / f"{s}.bin", dtype=dtype, mode="r") if self.manifest[f"{s}_tokens"] else
+            np.zeros(0, dtype=dtype)
+            for s in ("train", "val")
+        }
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["hash"]
+
+    def __len__(self) -> int:
+        return sum(len(a) for a in self.splits.values())
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise if any token id is >= vocab_size (a model too small for this tokenizer)."""
+        for name, arr in self.splits.items():
+            if len(arr) and int(arr.max()) >= vocab_size:
+                raise DataError(
+                    f"{name} split holds token id {int(arr.max())} but the model's vocab_size is "
+                    f"{vocab_size}; use a model with vocab_size >= {self.manifest['n_vocab']} "
+                    f"(tokenizer {self.manifest['tokenizer']!r})"
+                )
+
+    def check_block(self, split: str, block_size: int) -> None:
+        n = len(self.splits[split])
+        if n < block_size + 1:
+            raise DataError(
+                f"the {split} split has {n} tokens, fewer than one window of block_size+1 = "
+                f"{block_size + 1}; use a shorter --context-length, more data"
+                + (", or a larger val fraction" if split == "val" else "")
+            )
+
+    def get_batch(self, split: str, batch_size: int, block_size: int,
+                  generator: torch.Generator | None = None, device="cpu"):
+        """Random windows (nanoGPT style): x (B, T) and y = x shifted by one, int64."""
+        self.check_block(split, block_size)
+        arr = self.splits[split]
+        starts = torch.randint(len(arr) - block_size, (batch_size,), generator=generator)
+        rows = np.stack([arr[s: s + block_size + 1] for s in starts.tolist()]).astype(np.int64)
+        xy = torch.from_numpy(rows)
+        if device != "cpu" and torch.device(device).type == "cuda":
+            xy = xy.pin_memory().to(device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(spec="default", cache_dir: str | os.PathLike | None = None, tokenizer: str = "gpt2",
+            val_fraction: float = 0.1, errors: str = "strict", progress: bool = True) -> TokenData:
+    """Tokenize ``spec`` once and return the cached TokenData (reused while sources are unchanged)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if errors not in ("strict", "replace"):
+        raise DataError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    sources = resolve_sources(spec)
+    prints = [s.fingerprint() for s in sources]
+    key_obj = {"v": MANIFEST_VERSION, "sources": prints, "tokenizer": tokenizer,
+               "val_fraction": val_fraction, "errors": errors}
+    key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
+    label = "default" if str(spec) == "default" else Path(str(spec)).name.replace("*", "_") or "data"
+    root = Path(cache_dir) if cache_dir else cache_root() / f"{label}-{key[:12]}"
+    man = root / "manifest.json"
+    if man.exists():
+        try:
+            if json.loads(man.read_text()).get("hash") == key:
+                return TokenData(root)
+        except (json.JSONDecodeError, OSError):
+            pass  # a damaged cache is rebuilt below
+    tokens = tokenize_sources(sources, tokenizer, errors, progress)
+    n_val = int(len(tokens) * val_fraction)
+    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+    root.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(root / "train.bin", train.tobytes())
+    _atomic_write_bytes(root / "val.bin", val.tobytes())
+    enc = get_encoding(tokenizer)
+    manifest = {**key_obj, "hash": key, "n_tokens": int(len(tokens)), "train_tokens": int(len(train)),
+                "val_tokens": int(len(val)), "dtype": tokens.dtype.name, "n_vocab": enc.n_vocab}
+    _atomic_write_bytes(man, json.dumps(manifest, indent=1).encode())  # written last: marks the cache complete
+    return TokenData(root)
+
+
+# ---- sliding windows (LLMs-from-scratch style) ----------------------------------------------------
+class GPTDataset(torch.utils.data.Dataset):
+    """Windows of max_length tokens every ``stride`` tokens; targets are inputs shifted by one.
+
+    ``data`` is text (tokenized with ``tokenizer``) or a sequence/array of token ids.
+    """
+
+    def __init__(self, data, max_length: int, stride: int, tokenizer: str = "gpt2"):
+        if max_length <= 0 or stride <= 0:
+            raise DataError(f"max_length and stride must be positive, got {max_length}, {stride}")
+        if isinstance(data, str):
+            if not data.strip():
+                raise DataError("GPTDataset got empty text")
+            data = get_encoding(tokenizer).encode(data, allowed_special={ENDOFTEXT})
+        self.ids = torch.as_tensor(np.asarray(data, dtype=np.int64))
+        if len(self.ids) < max_length + 1:
+            raise DataError(f"{len(self.ids)} tokens are fewer than one window of max_length+1 = {max_length + 1}")
+        self.max_length, self.stride = max_length, stride
+        self.n = (len(self.ids) - max_length - 1) // stride + 1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        s = i * self.stride
+        return self.ids[s: s + self.max_length], self.ids[s + 1: s + self.max_length + 1]
+
+
+def create_dataloader(data, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                      shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                      tokenizer: str = "gpt2") -> torch.utils.data.DataLoader:
+    ds = GPTDataset(data, max_length, stride, tokenizer)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle,
+                                       drop_last=drop_last, num_workers=num_workers)
