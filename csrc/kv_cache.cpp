@@ -21,18 +21,18 @@ PyObject* PyInit__C(void) {
 namespace gptcore {
 
 void check_kv_append(const at::Tensor& cache, const at::Tensor& new_kv, const at::Tensor& pos) {
-  TORCH_CHECK(cache.dim() == 4, "kv_append: cache must be [B, H, T_max, D], got ", cache.sizes());
-  TORCH_CHECK(new_kv.dim() == 4, "kv_append: new_kv must be [B, H, T_new, D], got ", new_kv.sizes());
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == cache.size(0),
+  GPTCORE_CHECK(cache.dim() == 4, "kv_append: cache must be [B, H, T_max, D], got ", cache.sizes());
+  GPTCORE_CHECK(new_kv.dim() == 4, "kv_append: new_kv must be [B, H, T_new, D], got ", new_kv.sizes());
+  GPTCORE_CHECK(pos.dim() == 1 && pos.size(0) == cache.size(0),
               "kv_append: pos must be [B] with B = ", cache.size(0), ", got ", pos.sizes());
-  TORCH_CHECK(pos.scalar_type() == at::kLong, "kv_append: pos must be int64, got ", pos.scalar_type());
-  TORCH_CHECK(cache.scalar_type() == new_kv.scalar_type(), "kv_append: dtype mismatch, cache is ",
+  GPTCORE_CHECK(pos.scalar_type() == at::kLong, "kv_append: pos must be int64, got ", pos.scalar_type());
+  GPTCORE_CHECK(cache.scalar_type() == new_kv.scalar_type(), "kv_append: dtype mismatch, cache is ",
               cache.scalar_type(), " but new_kv is ", new_kv.scalar_type());
-  TORCH_CHECK(cache.device() == new_kv.device() && cache.device() == pos.device(),
+  GPTCORE_CHECK(cache.device() == new_kv.device() && cache.device() == pos.device(),
               "kv_append: cache, new_kv and pos must be on one device; got ", cache.device(), ", ",
               new_kv.device(), ", ", pos.device());
-  TORCH_CHECK(cache.is_contiguous(), "kv_append: cache must be contiguous");
-  TORCH_CHECK(new_kv.size(0) == cache.size(0) && new_kv.size(1) == cache.size(1) &&
+  GPTCORE_CHECK(cache.is_contiguous(), "kv_append: cache must be contiguous");
+  GPTCORE_CHECK(new_kv.size(0) == cache.size(0) && new_kv.size(1) == cache.size(1) &&
                   new_kv.size(3) == cache.size(3),
               "kv_append: new_kv ", new_kv.sizes(), " does not fit cache ", cache.sizes());
 }
@@ -45,7 +45,7 @@ static void kv_append_cpu(at::Tensor& cache, const at::Tensor& new_kv_in, const 
   const int64_t Tn = new_kv.size(2);
   const int64_t* p = pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(p[b] >= 0 && p[b] + Tn <= Tmax, "kv_append: sequence ", b, " writes positions [",
+    GPTCORE_CHECK(p[b] >= 0 && p[b] + Tn <= Tmax, "kv_append: sequence ", b, " writes positions [",
                 p[b], ", ", p[b] + Tn, ") but the cache holds ", Tmax, " positions");
   }
   const int64_t esz = cache.element_size();

@@ -31,7 +31,7 @@ void kv_append_cuda(at::Tensor& cache, const at::Tensor& new_kv_in, const at::Te
   const int64_t Tn = new_kv.size(2);
   // Bounds are checked on the host: one small copy, and never an out-of-bounds write.
   const at::Tensor pmin = pos.min().cpu(), pmax = pos.max().cpu();
-  TORCH_CHECK(pmin.item<int64_t>() >= 0 && pmax.item<int64_t>() + Tn <= Tmax,
+  GPTCORE_CHECK(pmin.item<int64_t>() >= 0 && pmax.item<int64_t>() + Tn <= Tmax,
               "kv_append: positions [", pmin.item<int64_t>(), ", ", pmax.item<int64_t>() + Tn,
               ") exceed the cache's ", Tmax, " positions");
   if (B * H * Tn == 0) return;
