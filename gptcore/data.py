@@ -82,6 +82,10 @@ class Source:
                 f"(--data-errors replace) to substitute U+FFFD for bad bytes"
             ) from None
 
+    def size(self) -> int:
+        """Approximate size in characters (bytes for files), for progress reporting."""
+        return len(self.text) if self.text is not None else os.path.getsize(self.name)
+
     def fingerprint(self) -> dict:
         if self.text is not None:
             data = self.text.encode("utf-8")
@@ -180,17 +184,22 @@ def tokenize_sources(sources: list[Source], tokenizer: str = "gpt2", errors: str
     dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
     threads = os.cpu_count() or 1
     out: list[np.ndarray] = []
-    bar = tqdm(total=len(sources), unit="doc", desc="tokenize", disable=not progress or len(sources) < 2)
+    total = sum(src.size() for src in sources)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenize",
+               disable=not progress or total < _PIECE_CHARS)
     for src in sources:
         text = src.read(errors)
         for doc in text.split(ENDOFTEXT):  # a literal <|endoftext|> in the text separates documents
             if not doc.strip():
                 continue
-            ids = enc.encode_ordinary_batch(list(_pieces(doc)), num_threads=threads)
-            for part in ids:
-                out.append(np.asarray(part, dtype=dtype))
+            pieces = list(_pieces(doc))
+            # batches of pieces keep every core busy and the progress bar moving on huge files
+            for i in range(0, len(pieces), 4 * threads):
+                batch = pieces[i: i + 4 * threads]
+                for part in enc.encode_ordinary_batch(batch, num_threads=threads):
+                    out.append(np.asarray(part, dtype=dtype))
+                bar.update(sum(len(p) for p in batch))
             out.append(np.array([eot], dtype=dtype))
-        bar.update(1)
     bar.close()
     if not out:
         raise DataError("the data holds no text: every source was empty")
