@@ -198,6 +198,18 @@ class GPT(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
+    # ---- Hugging Face GPT-2 interop (gptcore.hf) --------------------------------------------
+    @classmethod
+    def from_hf(cls, path, backend: Optional[str] = None, dtype=None) -> "GPT":
+        """Load a local Hugging Face GPT-2 folder (config.json + model.safetensors/.bin)."""
+        from gptcore import hf
+        return hf.from_hf(path, backend=backend, dtype=dtype)
+
+    def save_hf(self, path, dtype=None) -> None:
+        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
+        from gptcore import hf
+        hf.save_hf(self, path, dtype=dtype)
+
     # ---- accounting ------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once). non_embedding drops token and position tables."""
@@ -216,7 +228,9 @@ class GPT(nn.Module):
         """
         cfg = self.config
         T = cfg.context_length if seq_len is None else seq_len
-        n = self.num_params(non_embedding=True) + cfg.vocab_size * cfg.emb_dim  # + LM head matmul
+        n = self.num_params(non_embedding=True)
+        if cfg.tie_weights:  # the tied LM head's matmul is not among the non-embedding parameters
+            n += cfg.vocab_size * cfg.emb_dim
         attn = 4 * cfg.n_layers * cfg.emb_dim * T  # QK^T and PV over T keys, no causal discount (as nanoGPT)
         fwd = 2 * n + attn
         return 3 * fwd if training else fwd
