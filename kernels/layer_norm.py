@@ -1,0 +1,283 @@
+"""LayerNorm over the last dim, optionally fused with the residual add, as Triton kernels.
+
+    y = layer_norm(x, weight, bias, eps)                  # y = LN(x)
+    y, h = layer_norm(x, weight, bias, eps, residual=r)   # h = x + r, y = LN(h): one pass
+
+Forward (``_ln_fwd_kernel``): each program normalises BLOCK_M whole rows held in registers
+(BLOCK_M > 1 for narrow rows, so every program moves a few thousand elements). Statistics are
+fp32 whatever the input dtype; per-row mean and rstd (M,) fp32 are kept for the backward.
+Backward (``_ln_bwd_kernel``): a persistent grid of a few programs per SM; each walks its own
+contiguous run of rows once, reading the saved input and dy, writing dx (and d residual) and
+accumulating dweight/dbias in fp32 registers. Each program writes its partial sums to one row
+of a (programs, N) fp32 buffer that a plain sum reduces: no atomics, so dweight and dbias are
+bit-identical from run to run.
+
+Gradients with residual: h feeds y and is also returned, so dh_total = dh (flowing into the
+returned h) + dLN/dh; d x = d residual = dh_total (one tensor when x and residual share a dtype).
+
+Limits and layout:
+- row width N from 1 to MAX_WIDTH = 16384 elements (a row must fit in one program's registers;
+  wider rows raise an error naming the limit); any number of rows; leading dims flattened.
+- float32, float16, bfloat16 inputs, any mix among x, residual, weight, bias. h and y have the
+  dtype of x + residual (x's dtype without residual); dweight/dbias have the parameter's dtype.
+- CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+- Inputs are read in place through a row stride; a tensor whose last dim is not unit-stride, or
+  whose leading dims cannot be flattened to one row stride, is copied once (.contiguous()).
+
+Tests: python -m pytest -q tests/test_layer_norm.py     Bench: python -m bench.kernels_norm
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs
+
+MAX_WIDTH = 16384  # widest row (elements) one program normalises in registers
+_TILE = 4096  # elements per program tile: rows are stacked until a tile holds about this many
+_BWD_PROGRAMS_PER_SM = 2  # persistent backward grid: programs per SM
+
+
+@triton.jit(do_not_specialize=["M"])
+def _ln_fwd_kernel(
+    X,  # (M, N) rows at stride_x, unit column stride
+    R,  # (M, N) residual rows at stride_r (unused unless HAS_RES)
+    W,  # (N,) weight (unused unless HAS_W)
+    B,  # (N,) bias (unused unless HAS_B)
+    Y,  # (M, N) contiguous output
+    H,  # (M, N) contiguous x + residual (unused unless HAS_RES)
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    M,
+    N,
+    stride_x,
+    stride_r,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]  # (BLOCK_M, BLOCK_N)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)  # round as stored, so y is exactly LN(returned h)
+        tl.store(H + rows64[:, None] * N + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    mean = tl.sum(x, axis=1) / N  # (BLOCK_M,)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = tl.rsqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y * w[None, :]
+    if HAS_B:
+        b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = y + b[None, :]
+    tl.store(Y + rows64[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["M", "rows_per_prog"])
+def _ln_bwd_kernel(
+    X,  # (M, N) saved LN input (x, or h = x + residual) at stride_x
+    W,  # (N,) weight (unused unless HAS_W)
+    DY,  # (M, N) grad of y at stride_dy
+    DH,  # (M, N) grad flowing into the returned h at stride_dh (unused unless HAS_DH)
+    DX,  # (M, N) contiguous out: grad of x
+    DRES,  # (M, N) contiguous out: grad of residual in its own dtype (unused unless HAS_DRES)
+    DW_PART,  # (programs, N) fp32 out: per-program sums of dy * xhat (unused unless HAS_W)
+    DB_PART,  # (programs, N) fp32 out: per-program sums of dy (unused unless HAS_B)
+    MEAN,  # (M,) fp32
+    RSTD,  # (M,) fp32
+    M,
+    N,
+    stride_x,
+    stride_dy,
+    stride_dh,
+    rows_per_prog,  # a multiple of BLOCK_M
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_DH: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_prog
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    col_ok = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rows_per_prog, BLOCK_M):
+        rows = row_start + r0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        row_ok = rows < M
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if HAS_W:
+            wdy = dy * w[None, :]
+            dw_acc += dy * xhat
+        else:
+            wdy = dy
+        if HAS_B:
+            db_acc += dy
+        c1 = tl.sum(xhat * wdy, axis=1) / N  # (BLOCK_M,)
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows64[:, None] * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DRES:
+            tl.store(DRES + rows64[:, None] * N + cols[None, :], dx.to(DRES.dtype.element_ty), mask=mask)
+    if HAS_W:
+        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    if HAS_B:
+        tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+def _tile(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of width n: whole rows, ~_TILE elements a program.
+    Depends on n only, so the row count never triggers a recompile."""
+    block_n = max(16, triton.next_power_of_2(n))
+    block_m = max(1, _TILE // block_n)
+    num_warps = min(max(block_m * block_n // 512, 1), 16)
+    return block_m, block_n, num_warps
+
+
+def _forward(x2, r2, weight, bias, eps: float, out_shape, h_dtype):
+    """x2, r2: (M, N) row views -> y (out_shape), h (out_shape or None), mean, rstd (M,) fp32."""
+    M, N = x2.shape
+    dev = x2.device
+    y = torch.empty(out_shape, dtype=h_dtype, device=dev)
+    h = torch.empty(out_shape, dtype=h_dtype, device=dev) if r2 is not None else None
+    mean = torch.empty(M, dtype=torch.float32, device=dev)
+    rstd = torch.empty(M, dtype=torch.float32, device=dev)
+    if M == 0:
+        return y, h, mean, rstd
+    block_m, block_n, num_warps = _tile(N)
+    _ln_fwd_kernel[(triton.cdiv(M, block_m),)](
+        x2, x2 if r2 is None else r2, x2 if weight is None else weight, x2 if bias is None else bias,
+        y, y if h is None else h, mean, rstd,
+        M, N, x2.stride(0), 0 if r2 is None else r2.stride(0), eps,
+        HAS_RES=r2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, h, mean, rstd
+
+
+def _backward(dy2, dh2, x2, weight, has_bias: bool, mean, rstd, out_shape, dx_dtype, dres_dtype):
+    """Grads of LN(x2) (+ dh2 when the residual sum was returned). x2 is the saved LN input.
+
+    Returns dx (out_shape, dx_dtype), dres (out_shape, dres_dtype; None when it would equal dx),
+    dweight and dbias as fp32 (N,) sums (None when absent).
+    """
+    M, N = x2.shape
+    dev = x2.device
+    dx = torch.empty(out_shape, dtype=dx_dtype, device=dev)
+    dres = None
+    if dres_dtype is not None and dres_dtype != dx_dtype:
+        dres = torch.empty(out_shape, dtype=dres_dtype, device=dev)
+    if M == 0:
+        zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+        return dx, dres, zeros if weight is not None else None, zeros if has_bias else None
+    block_m, block_n, num_warps = _tile(N)
+    blocks = triton.cdiv(M, block_m)
+    programs = min(blocks, persistent_programs(dev, _BWD_PROGRAMS_PER_SM))
+    rows_per_prog = triton.cdiv(blocks, programs) * block_m
+    programs = triton.cdiv(M, rows_per_prog)  # every program gets at least one row
+    dw_part = torch.empty((programs, N), dtype=torch.float32, device=dev) if weight is not None else None
+    db_part = torch.empty((programs, N), dtype=torch.float32, device=dev) if has_bias else None
+    _ln_bwd_kernel[(programs,)](
+        x2, x2 if weight is None else weight, dy2, dy2 if dh2 is None else dh2,
+        dx, dx if dres is None else dres,
+        dx if dw_part is None else dw_part, dx if db_part is None else db_part,
+        mean, rstd,
+        M, N, x2.stride(0), dy2.stride(0), 0 if dh2 is None else dh2.stride(0), rows_per_prog,
+        HAS_W=weight is not None, HAS_B=has_bias, HAS_DH=dh2 is not None, HAS_DRES=dres is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    dw = dw_part.sum(0) if dw_part is not None else None
+    db = db_part.sum(0) if db_part is not None else None
+    return dx, dres, dw, db
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps):
+        x2 = as_rows(x)
+        r2 = as_rows(residual) if residual is not None else None
+        weight = weight.contiguous() if weight is not None else None  # kernels index them as (N,)
+        bias = bias.contiguous() if bias is not None else None
+        h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+        y, h, mean, rstd = _forward(x2, r2, weight, bias, eps, x.shape, h_dtype)
+        # The backward needs LN's input: x itself, or the h this kernel just wrote.
+        ctx.save_for_backward(x2 if h is None else h, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.res_dtype = None if residual is None else residual.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y if h is None else (y, h)
+
+    @staticmethod
+    def backward(ctx, dy, dh=None):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        if dy is None and dh is None:
+            return None, None, None, None, None
+        x2 = x2.reshape(-1, x2.shape[-1])  # saved h has x's shape; saved x rows are already 2-D
+        dy2 = torch.zeros_like(x2) if dy is None else as_rows(dy)
+        dh2 = None if dh is None else as_rows(dh)
+        dx, dres, dw, db = _backward(
+            dy2, dh2, x2, weight, ctx.bias_dtype is not None, mean, rstd, ctx.shape, ctx.x_dtype, ctx.res_dtype
+        )
+        if ctx.res_dtype is not None and dres is None:
+            dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
+        dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[1] else None
+        db = db.to(ctx.bias_dtype) if db is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, dres, None
+
+
+def _check(x, weight, bias, residual) -> None:
+    op = "gptcore layer_norm"
+    check_tensor(x, "x", op)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dim (the normalised row), got a scalar")
+    n = x.shape[-1]
+    if not 1 <= n <= MAX_WIDTH:
+        raise ValueError(
+            f"{op}: row width {n} is outside the supported 1..{MAX_WIDTH} (MAX_WIDTH: a row must fit "
+            f"in one program's registers); use backend='torch' (F.layer_norm) for wider rows"
+        )
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            check_tensor(p, name, op, x.device)
+            if p.shape != (n,):
+                raise ValueError(f"{op}: {name} must have shape ({n},) to match x's last dim, got {tuple(p.shape)}")
+    if residual is not None:
+        check_tensor(residual, "residual", op, x.device)
+        if residual.shape != x.shape:
+            raise ValueError(f"{op}: residual shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+    """LayerNorm of x's last dim (weight, bias may be None); with ``residual`` returns
+    (LN(x + residual), x + residual) from one kernel. Same signature as ``layer_norm_ref``."""
+    _check(x, weight, bias, residual)
+    return _LayerNorm.apply(x, weight, bias, residual, float(eps))
