@@ -38,13 +38,14 @@ python -m bench.kernels_attention.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,6 +55,38 @@ LOG2E = 1.4426950408889634  # 1 / ln(2): softmax runs in base 2 (exp2 is one ins
 # ============================================================================================
 # Triton kernels
 # ============================================================================================
+# Tensor arguments Q, K, V, DO and the outputs are either pointers (with (batch, head, row)
+# strides) or, with TMA=True (Hopper), rank-4 tensor descriptors over (B, H, T, D) whose
+# hardware bounds checks replace the row masks. _load_rows/_store_rows hide the difference.
+@triton.jit
+def _load_rows(src, b, h, row0, n_rows, stride_t,
+               BLOCK: tl.constexpr, D: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Rows [row0, row0 + BLOCK) of head (b, h) as a (BLOCK, D) tile; rows >= n_rows read 0.
+
+    Pointer mode: src points at the head's row 0; MASKED says whether rows can pass n_rows.
+    """
+    if TMA:
+        return src.load([b, h, row0, 0]).reshape(BLOCK, D)
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        ptrs = src + rows[:, None] * stride_t + tl.arange(0, D)[None, :]
+        if MASKED:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _store_rows(dst, b, h, row0, n_rows, stride_t, tile,
+                BLOCK: tl.constexpr, D: tl.constexpr, TMA: tl.constexpr):
+    """Write a (BLOCK, D) tile to rows [row0, row0 + BLOCK) of head (b, h), rows < n_rows only."""
+    if TMA:
+        dst.store([b, h, row0, 0], tile.reshape(1, 1, BLOCK, D))
+    else:
+        rows = row0 + tl.arange(0, BLOCK)
+        tl.store(dst + rows[:, None] * stride_t + tl.arange(0, D)[None, :], tile, mask=rows[:, None] < n_rows)
+
+
 @triton.jit
 def _dropout_keep(seed, p_drop, bh, rows, cols, Tq, Tk):
     """Keep-mask (True = keep) of the dropout at query rows x key cols of head bh.
@@ -67,10 +100,10 @@ def _dropout_keep(seed, p_drop, bh, rows, cols, Tq, Tk):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, lo, hi, P, Tq, Tk, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tq, Tk, qk_scale,
                seed, p_drop, bh,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+               D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     """Online softmax over key blocks [lo, hi) for one query block.
 
     acc (BM, D) fp32 running sum of p @ v; l_i (BM,) running sum of p; m_i (BM,) running max of
@@ -80,10 +113,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, lo, hi, P, Tq, 
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n  # (BN,) key indices
-        if MASKED:
-            k = tl.load(K + cols[:, None] * skt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(K + cols[:, None] * skt + offs_d[None, :])  # (BN, D)
+        k = _load_rows(K, b, h, n0, Tk, skt, BLOCK_N, D, MASKED, TMA)  # (BN, D)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BM, BN) raw scores, fp32
         if MASKED:
             ok = cols[None, :] < Tk
@@ -99,10 +129,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, lo, hi, P, Tq, 
         if DROPOUT:
             keep = _dropout_keep(seed, p_drop, bh, offs_m[:, None], cols[None, :], Tq, Tk)
             p = tl.where(keep, p, 0.0)
-        if MASKED:
-            v = tl.load(V + cols[:, None] * svt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
-        else:
-            v = tl.load(V + cols[:, None] * svt + offs_d[None, :])  # (BN, D)
+        v = _load_rows(V, b, h, n0, Tk, svt, BLOCK_N, D, MASKED, TMA)  # (BN, D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -113,23 +140,21 @@ def _fwd_kernel(Q, K, V, O, LSE,  # Q, O: (B, H, Tq, D); K, V: (B, H, Tk, D); LS
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
                 H, Tq, Tk, qk_scale, seed, p_drop, drop_scale,
                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     # Causal query blocks near the end do the most work: launch them first (program 0 = last block).
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
-    Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    K += b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    V += b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    O += b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    if not TMA:
+        Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        K += b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        V += b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        O += b.to(tl.int64) * sob + h.to(tl.int64) * soh
     LSE += bh.to(tl.int64) * Tq
 
     offs_m = m0 + tl.arange(0, BLOCK_M)  # (BM,) query indices
-    offs_d = tl.arange(0, D)
-    row_ok = offs_m < Tq
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
-
+    q = _load_rows(Q, b, h, m0, Tq, sqt, BLOCK_M, D, True, TMA)  # (BM, D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -141,19 +166,19 @@ def _fwd_kernel(Q, K, V, O, LSE,  # Q, O: (B, H, Tq, D); K, V: (B, H, Tk, D); LS
     else:
         n_full = (Tk // BLOCK_N) * BLOCK_N
         n_hi = Tk
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, 0, n_full, P, Tq, Tk,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, 0, n_full, P, Tq, Tk,
                                qk_scale, seed, p_drop, bh,
-                               BLOCK_N, False, CAUSAL, DROPOUT, DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, skt, svt, offs_m, offs_d, n_full, n_hi, P, Tq, Tk,
+                               D, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PREC, TMA)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, n_full, n_hi, P, Tq, Tk,
                                qk_scale, seed, p_drop, bh,
-                               BLOCK_N, True, CAUSAL, DROPOUT, DOT_PREC)
+                               D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     # Every row (padding rows included) saw key 0, so l_i > 0 and m_i is finite.
     inv_l = 1.0 / l_i
     if DROPOUT:
         inv_l = inv_l * drop_scale
     out = acc * inv_l[:, None]
-    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    tl.store(O + offs_m[:, None] * sot + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Tq)
+    _store_rows(O, b, h, m0, Tq, sot, out.to(q.dtype), BLOCK_M, D, TMA)
 
 
 @triton.jit(do_not_specialize=["H", "Tq"])
@@ -174,10 +199,10 @@ def _bwd_delta_kernel(O, DO, DELTA,  # O, DO: (B, H, Tq, D); DELTA: (B, H, Tq) f
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, lo, hi, P, Tq, Tk,
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n, lo, hi, P, Tq, Tk,
                     qk_scale, seed, p_drop, drop_scale, bh,
-                    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                    DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dK, dV (BN, D) of one key block over query blocks [lo, hi), transposed layout.
 
     MASKED: query bounds (i < Tq) and, if CAUSAL, the diagonal (j <= P + i).
@@ -186,24 +211,21 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d, 
     for m0 in range(lo, hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         rows = m0 + offs_m0  # (BM,) query indices
+        q = _load_rows(Q, b, h, m0, Tq, sqt, BLOCK_M, D, MASKED, TMA)  # (BM, D)
         if MASKED:
-            row_ok = rows < Tq
-            q = tl.load(Q + rows[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
             # +inf log-sum-exp makes p = 0 on padding rows.
-            lse = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+            lse = tl.load(LSE + rows, mask=rows < Tq, other=float("inf"))
         else:
-            q = tl.load(Q + rows[:, None] * sqt + offs_d[None, :])  # (BM, D)
             lse = tl.load(LSE + rows)
         sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BN, BM)
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # softmax probabilities, transposed
         if MASKED:
             if CAUSAL:
                 pT = tl.where(offs_n[:, None] <= P + rows[None, :], pT, 0.0)
-            do = tl.load(DO + rows[:, None] * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+            delta = tl.load(DELTA + rows, mask=rows < Tq, other=0.0)
         else:
-            do = tl.load(DO + rows[:, None] * sdot + offs_d[None, :])  # (BM, D)
             delta = tl.load(DELTA + rows)
+        do = _load_rows(DO, b, h, m0, Tq, sdot, BLOCK_M, D, MASKED, TMA)  # (BM, D)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM) = (dO V^T)^T
         if DROPOUT:
             keep = _dropout_keep(seed, p_drop, bh, rows[None, :], offs_n[:, None], Tq, Tk)
@@ -222,27 +244,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # DK, DV: (B, H, Tk, D) c
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sgb, sgh, sgt,
                      H, Tq, Tk, qk_scale, scale, seed, p_drop, drop_scale,
                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                     CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                     TMA: tl.constexpr):
     # Causal key blocks near the start are seen by the most queries: program 0 = block 0 runs first.
     n0 = tl.program_id(0) * BLOCK_N
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
-    Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    K += b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    V += b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    DO += b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    DK += b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
-    DV += b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
+    if not TMA:
+        Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        K += b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        V += b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        DO += b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        DK += b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
+        DV += b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
     LSE += bh.to(tl.int64) * Tq
     DELTA += bh.to(tl.int64) * Tq
 
     offs_n = n0 + tl.arange(0, BLOCK_N)  # (BN,) key indices
-    offs_d = tl.arange(0, D)
-    col_ok = offs_n < Tk
     # Key rows past Tk load as zeros; their dK/dV rows are garbage and never stored.
-    k = tl.load(K + offs_n[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)  # (BN, D)
-    v = tl.load(V + offs_n[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = _load_rows(K, b, h, n0, Tk, skt, BLOCK_N, D, True, TMA)  # (BN, D)
+    v = _load_rows(V, b, h, n0, Tk, svt, BLOCK_N, D, True, TMA)
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, D], dtype=tl.float32)
 
@@ -258,39 +280,34 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # DK, DV: (B, H, Tk, D) c
         m_lo = 0
         m_full = 0
     # Diagonal blocks, then full blocks, then the ragged last block (each range may be empty).
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d,
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n,
                              m_lo, tl.minimum(m_full, m_end), P, Tq, Tk, qk_scale, seed, p_drop,
-                             drop_scale, bh, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PREC)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d,
+                             drop_scale, bh, D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n,
                              m_full, m_even, P, Tq, Tk, qk_scale, seed, p_drop,
-                             drop_scale, bh, BLOCK_M, False, CAUSAL, DROPOUT, DOT_PREC)
-    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdot, offs_n, offs_d,
+                             drop_scale, bh, D, BLOCK_M, False, CAUSAL, DROPOUT, DOT_PREC, TMA)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n,
                              tl.maximum(m_full, m_even), m_end, P, Tq, Tk, qk_scale, seed, p_drop,
-                             drop_scale, bh, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PREC)
+                             drop_scale, bh, D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     if DROPOUT:
         dv = dv * drop_scale
     dk = dk * scale
-    g_off = offs_n[:, None] * sgt + offs_d[None, :]
-    tl.store(DK + g_off, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    _store_rows(DK, b, h, n0, Tk, sgt, dk.to(k.dtype), BLOCK_N, D, TMA)
+    _store_rows(DV, b, h, n0, Tk, sgt, dv.to(v.dtype), BLOCK_N, D, TMA)
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, lo, hi, P, Tq, Tk,
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tq, Tk,
                   qk_scale, seed, p_drop, drop_scale, bh,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                  DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     """Accumulate dQ (BM, D) of one query block over key blocks [lo, hi)."""
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         cols = n0 + offs_n
-        if MASKED:
-            k = tl.load(K + cols[:, None] * skt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
-            v = tl.load(V + cols[:, None] * svt + offs_d[None, :], mask=cols[:, None] < Tk, other=0.0)
-        else:
-            k = tl.load(K + cols[:, None] * skt + offs_d[None, :])  # (BN, D)
-            v = tl.load(V + cols[:, None] * svt + offs_d[None, :])
+        k = _load_rows(K, b, h, n0, Tk, skt, BLOCK_N, D, MASKED, TMA)  # (BN, D)
+        v = _load_rows(V, b, h, n0, Tk, svt, BLOCK_N, D, MASKED, TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BM, BN)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
         if MASKED:
@@ -312,24 +329,25 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,  # DQ: (B, H, Tq, D) contiguous
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sgb, sgh, sgt,
                    H, Tq, Tk, qk_scale, scale, seed, p_drop, drop_scale,
                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   TMA: tl.constexpr):
     m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest causal blocks first
     h = tl.program_id(1)
     b = tl.program_id(2)
     bh = b * H + h
-    Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-    K += b.to(tl.int64) * skb + h.to(tl.int64) * skh
-    V += b.to(tl.int64) * svb + h.to(tl.int64) * svh
-    DO += b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
-    DQ += b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
+    if not TMA:
+        Q += b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+        K += b.to(tl.int64) * skb + h.to(tl.int64) * skh
+        V += b.to(tl.int64) * svb + h.to(tl.int64) * svh
+        DO += b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
+        DQ += b.to(tl.int64) * sgb + h.to(tl.int64) * sgh
     LSE += bh.to(tl.int64) * Tq
     DELTA += bh.to(tl.int64) * Tq
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
     row_ok = offs_m < Tq
-    q = tl.load(Q + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)  # (BM, D)
-    do = tl.load(DO + offs_m[:, None] * sdot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _load_rows(Q, b, h, m0, Tq, sqt, BLOCK_M, D, True, TMA)  # (BM, D)
+    do = _load_rows(DO, b, h, m0, Tq, sdot, BLOCK_M, D, True, TMA)
     lse = tl.load(LSE + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
@@ -341,14 +359,14 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,  # DQ: (B, H, Tq, D) contiguous
     else:
         n_full = (Tk // BLOCK_N) * BLOCK_N
         n_hi = Tk
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, 0, n_full, P, Tq, Tk,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, 0, n_full, P, Tq, Tk,
                        qk_scale, seed, p_drop, drop_scale, bh,
-                       BLOCK_N, False, CAUSAL, DROPOUT, DOT_PREC)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, n_full, n_hi, P, Tq, Tk,
+                       D, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PREC, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, n_full, n_hi, P, Tq, Tk,
                        qk_scale, seed, p_drop, drop_scale, bh,
-                       BLOCK_N, True, CAUSAL, DROPOUT, DOT_PREC)
+                       D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     dq = dq * scale
-    tl.store(DQ + offs_m[:, None] * sgt + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    _store_rows(DQ, b, h, m0, Tq, sgt, dq.to(q.dtype), BLOCK_M, D, TMA)
 
 
 @triton.jit(do_not_specialize=["H", "Tq", "Tk", "seed"])
@@ -366,15 +384,16 @@ def _dropout_mask_kernel(MASK, H, Tq, Tk, seed, p_drop,  # MASK: (B, H, Tq, Tk) 
 # ============================================================================================
 # Configs: a table per GPU generation, optionally refined by timing candidates on first use
 # ============================================================================================
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
     block_m: int  # query rows per block
     block_n: int  # key rows per block
     num_warps: int
     num_stages: int
+    tma: bool = False  # Hopper tensor-memory-accelerator loads/stores through tensor descriptors
 
     def __str__(self) -> str:
-        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}"
+        return f"M{self.block_m}/N{self.block_n}/w{self.num_warps}/s{self.num_stages}" + ("/tma" if self.tma else "")
 
 
 KERNELS = ("fwd", "dkdv", "dq")
@@ -382,7 +401,9 @@ KERNELS = ("fwd", "dkdv", "dq")
 # Candidates, best guess first (the first one is the table entry used without autotuning).
 # fwd and dq hold a query block (BLOCK_M) and stream key blocks; dkdv holds a key block
 # (BLOCK_N) and streams query blocks. BLOCK_M = 128 with 4 or 8 warps lets Triton emit Hopper
-# wgmma; shared memory per stage is (BLOCK_N or BLOCK_M) x D x 2 tensors x 2 bytes.
+# wgmma; shared memory per stage is (BLOCK_N or BLOCK_M) x D x 2 tensors x 2 bytes. None of
+# these spills registers on sm_90 (checked with ptxas). On Hopper every config is also tried
+# with TMA loads (tma=True) when the tensors allow it.
 _C = KernelConfig
 _SM90 = {
     ("fwd", "small"): [_C(128, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(64, 64, 4, 4),
@@ -395,6 +416,15 @@ _SM90 = {
                         _C(32, 64, 8, 3)],
     ("dq", "small"): [_C(128, 64, 8, 3), _C(128, 32, 4, 4), _C(64, 64, 4, 3), _C(64, 32, 4, 4)],
     ("dq", "large"): [_C(128, 64, 8, 2), _C(128, 32, 8, 3), _C(64, 64, 4, 3), _C(64, 32, 4, 3)],
+}
+# Larger tiles that only fit in registers without per-element pointers (TMA variants only).
+_SM90_TMA_ONLY = {
+    ("fwd", "small"): [_C(128, 128, 8, 4, True)],
+    ("fwd", "large"): [],
+    ("dkdv", "small"): [_C(64, 128, 8, 4, True)],
+    ("dkdv", "large"): [],
+    ("dq", "small"): [_C(128, 128, 8, 2, True)],
+    ("dq", "large"): [_C(128, 128, 8, 2, True)],
 }
 # Ampere / Ada and anything else with bf16: less shared memory (100-164 KB), no wgmma.
 _SM80 = {
@@ -425,14 +455,34 @@ def _arch(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
-def candidates(kernel: str, D: int, dtype: torch.dtype, arch: int | None) -> list[KernelConfig]:
-    """The configs autotuning tries for one kernel, table default first."""
+def candidates(kernel: str, D: int, dtype: torch.dtype, arch: int | None, tma_ok: bool = True) -> list[KernelConfig]:
+    """The configs autotuning tries for one kernel, table default first.
+
+    tma_ok: the tensors meet TMA's alignment rules (see _tma_ok); TMA variants exist on sm_90+.
+    """
     if arch is None:
         return [_INTERPRETER[kernel]]
     if dtype == torch.float32:
         return [_FP32[kernel]]
-    table = _SM90 if arch >= 90 else _SM80
-    return list(table[(kernel, "large" if D > 64 else "small")])
+    size = "large" if D > 64 else "small"
+    if arch >= 90:
+        base = _SM90[(kernel, size)]
+        with_tma = [dataclasses.replace(c, tma=True) for c in base] + _SM90_TMA_ONLY[(kernel, size)]
+        return base + (with_tma if tma_ok else [])
+    return list(_SM80[(kernel, size)])
+
+
+def _tma_ok(*tensors: torch.Tensor) -> bool:
+    """Rank-4 TMA descriptors need 16-byte aligned base addresses and strides, last dim contiguous.
+
+    The interpreter (CPU) emulates descriptors; on CUDA they need sm_90+.
+    """
+    for t in tensors:
+        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return False
+    return True
 
 
 def _bucket(t: int) -> int:
@@ -440,18 +490,18 @@ def _bucket(t: int) -> int:
     return 1 << max(0, (t - 1).bit_length())
 
 
-def _tune_key(kernel, D, dtype, causal, dropout, Tq, Tk, arch):
-    return (kernel, D, dtype, causal, dropout, _bucket(Tq), _bucket(Tk), arch)
+def _tune_key(kernel, D, dtype, causal, dropout, Tq, Tk, arch, tma_ok):
+    return (kernel, D, dtype, causal, dropout, _bucket(Tq), _bucket(Tk), arch, tma_ok)
 
 
-def _pick(kernel: str, key: tuple, launch, device: torch.device) -> KernelConfig:
+def _pick(kernel: str, key: tuple, launch) -> KernelConfig:
     """The config for one launch: forced > tuned > (tune now) > table default."""
     if _FORCED is not None:
         return _FORCED[kernel]
     if key in _TUNED:
         return _TUNED[key]
-    _, D, dtype, *_rest, arch = key
-    cands = candidates(kernel, D, dtype, arch)
+    _, D, dtype, *_rest, arch, tma_ok = key
+    cands = candidates(kernel, D, dtype, arch, tma_ok)
     if not (_AUTOTUNE and arch is not None and len(cands) > 1):
         return cands[0]
     from triton.testing import do_bench
@@ -482,18 +532,19 @@ def use_config(fwd: KernelConfig, dkdv: KernelConfig, dq: KernelConfig):
 
 def chosen_config(D: int, dtype: torch.dtype, causal: bool = True, Tq: int = 1024, Tk: int | None = None,
                   dropout: bool = False, device=None) -> dict:
-    """What attention() uses for these shapes: {'fwd': 'M128/N64/w4/s3', 'dkdv': ..., 'dq': ...,
+    """What attention() uses for these shapes: {'fwd': 'M128/N64/w4/s3/tma', 'dkdv': ..., 'dq': ...,
     'source': 'autotuned' | 'table' | 'forced'} ('table' also means: not tuned yet)."""
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = _arch(device)
     Tk = Tq if Tk is None else Tk
     out, sources = {}, set()
     for kernel in KERNELS:
-        key = _tune_key(kernel, D, dtype, causal, dropout, Tq, Tk, arch)
+        tuned = [_TUNED.get(_tune_key(kernel, D, dtype, causal, dropout, Tq, Tk, arch, ok)) for ok in (True, False)]
+        tuned = [c for c in tuned if c is not None]
         if _FORCED is not None:
             cfg, src = _FORCED[kernel], "forced"
-        elif key in _TUNED:
-            cfg, src = _TUNED[key], "autotuned"
+        elif tuned:
+            cfg, src = tuned[0], "autotuned"
         else:
             cfg, src = candidates(kernel, D, dtype, arch)[0], "table"
         out[kernel] = str(cfg)
@@ -514,23 +565,35 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is Triton's default; 16-bit dots ignore it
 
 
+def _operands(tma: bool, tensors_and_rows):
+    """The kernel's tensor arguments: the tensors themselves, or with tma one (B, H, T, D)
+    descriptor each whose block is (1, 1, rows, D)."""
+    if not tma:
+        return [t for t, _ in tensors_and_rows]
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
+            for t, rows in tensors_and_rows]
+
+
 def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = _alloc((B, H, Tq, D), q.dtype, q.device)
     lse = _alloc((B, H, Tq), torch.float32, q.device)
     drop_scale = 1.0 / (1.0 - p_drop)
+    tma_ok = _tma_ok(q, k, v, o)
 
     def launch(cfg: KernelConfig):
-        grid = (triton.cdiv(Tq, cfg.block_m), H, B)
-        _fwd_kernel[grid](
-            q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        bm, bn, tma = cfg.block_m, cfg.block_n, cfg.tma and tma_ok
+        args = _operands(tma, [(q, bm), (k, bn), (v, bn), (o, bm)])
+        _fwd_kernel[(triton.cdiv(Tq, bm), H, B)](
+            *args, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, Tq, Tk, scale * LOG2E, seed, p_drop, drop_scale,
-            D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, DROPOUT=p_drop > 0.0,
-            DOT_PREC=_dot_prec(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=p_drop > 0.0,
+            DOT_PREC=_dot_prec(q.dtype), TMA=tma,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    arch = _arch(q.device)
-    launch(_pick("fwd", _tune_key("fwd", D, q.dtype, causal, p_drop > 0, Tq, Tk, arch), launch, q.device))
+    key = _tune_key("fwd", D, q.dtype, causal, p_drop > 0, Tq, Tk, _arch(q.device), tma_ok)
+    launch(_pick("fwd", key, launch))
     return o, lse
 
 
@@ -547,6 +610,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
     dropout = p_drop > 0.0
     prec = _dot_prec(q.dtype)
     arch = _arch(q.device)
+    tma_ok = _tma_ok(q, k, v, do, dq, dk, dv)
 
     block = 64 if q.is_cuda else 32
     _bwd_delta_kernel[(triton.cdiv(Tq, block), H, B)](
@@ -556,21 +620,23 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3])
 
     def launch_dkdv(cfg: KernelConfig):
-        grid = (triton.cdiv(Tk, cfg.block_n), H, B)
-        _bwd_dkdv_kernel[grid](
-            q, k, v, do, dk, dv, lse, delta, *strides, *dk.stride()[:3], *common,
-            D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        bm, bn, tma = cfg.block_m, cfg.block_n, cfg.tma and tma_ok
+        args = _operands(tma, [(q, bm), (k, bn), (v, bn), (do, bm), (dk, bn), (dv, bn)])
+        _bwd_dkdv_kernel[(triton.cdiv(Tk, bn), H, B)](
+            *args, lse, delta, *strides, *dk.stride()[:3], *common,
+            D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
+            TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def launch_dq(cfg: KernelConfig):
-        grid = (triton.cdiv(Tq, cfg.block_m), H, B)
-        _bwd_dq_kernel[grid](
-            q, k, v, do, dq, lse, delta, *strides, *dq.stride()[:3], *common,
-            D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        bm, bn, tma = cfg.block_m, cfg.block_n, cfg.tma and tma_ok
+        args = _operands(tma, [(q, bm), (k, bn), (v, bn), (do, bm), (dq, bm)])
+        _bwd_dq_kernel[(triton.cdiv(Tq, bm), H, B)](
+            *args, lse, delta, *strides, *dq.stride()[:3], *common,
+            D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
+            TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_dkdv(_pick("dkdv", _tune_key("dkdv", D, q.dtype, causal, dropout, Tq, Tk, arch), launch_dkdv, q.device))
-    launch_dq(_pick("dq", _tune_key("dq", D, q.dtype, causal, dropout, Tq, Tk, arch), launch_dq, q.device))
+    launch_dkdv(_pick("dkdv", _tune_key("dkdv", D, q.dtype, causal, dropout, Tq, Tk, arch, tma_ok), launch_dkdv))
+    launch_dq(_pick("dq", _tune_key("dq", D, q.dtype, causal, dropout, Tq, Tk, arch, tma_ok), launch_dq))
     return dq, dk, dv
 
 
