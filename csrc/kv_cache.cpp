@@ -41,6 +41,7 @@ static void check_pos(const char* op, const at::Tensor& pos, int64_t batch, cons
               batch, ", got ", pos.sizes());
   TORCH_CHECK(pos.scalar_type() == at::kLong, op, ": ", name, " must be int64, got ",
               pos.scalar_type(), " (use .long())");
+  TORCH_CHECK(pos.is_contiguous(), op, ": ", name, " must be contiguous (call .contiguous())");
 }
 
 static void check_block_table(const char* op, const at::Tensor& bt, int64_t batch) {
@@ -114,6 +115,7 @@ void check_kv_reorder(const at::Tensor& cache, const at::Tensor& index, int64_t 
               ": index must be [B'] with B' <= B = ", cache.size(1), ", got ", index.sizes());
   TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ",
               index.scalar_type(), " (use .long())");
+  TORCH_CHECK(index.is_contiguous(), op, ": index must be contiguous (call .contiguous())");
   TORCH_CHECK(length >= 0 && length <= cache.size(3), op, ": length ", length,
               " must be in [0, T = ", cache.size(3), "]");
 }

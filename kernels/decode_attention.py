@@ -195,6 +195,7 @@ def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None,
     B, H, D = q.shape[0], q.shape[1], q.shape[-1]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q3 = q.reshape(B, H, D) if q.dim() == 4 else q  # a view for (B, H, 1, D)
+    lengths = lengths.contiguous()
     out = torch.empty((B, H, D), device=q.device, dtype=q.dtype)
     paged = block_table is not None
     page = k_cache.shape[2] if paged else 1

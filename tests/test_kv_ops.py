@@ -173,6 +173,8 @@ def test_append_bounds_and_input_checks(device):
         ops.kv_append(cache, new.half(), torch.tensor([0, 0], device=device))
     with pytest.raises(RuntimeError, match="pos must be int64"):
         ops.kv_append(cache, new, torch.tensor([0, 0], device=device, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="pos must be contiguous"):
+        ops.kv_append(cache, new, torch.tensor([0, 9, 0, 9], device=device)[::2])
     with pytest.raises(RuntimeError, match=r"pos must be \[B\] with B = 2"):
         ops.kv_append(cache, new, torch.tensor([0, 0, 0], device=device))
     with pytest.raises(RuntimeError, match="does not fit cache"):
