@@ -113,10 +113,15 @@ class _Cache:
     def reserve(self, T: int) -> None:
         """Claim T more positions for every active sequence on the host shadows (no GPU read).
 
-        Raises before changing anything if a sequence would pass max_seq_len or (paged) no blocks
-        are left.
+        Raises before changing anything if a sequence would pass max_seq_len, if T > 1 while the
+        sequences sit at different positions, or (paged) if no blocks are left.
         """
         B = self.batch_size
+        if T > 1 and len(set(self._host_lengths[:B])) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: {T} tokens per sequence with sequences at different positions "
+                f"{self._host_lengths[:B]}; multi-token steps need one common position. Prefill prompts of "
+                f"different lengths together from an empty cache (right-padded), then decode one token at a time")
         worst = max(self._host_lengths[:B])
         if worst + T > self.max_seq_len:
             b = self._host_lengths[:B].index(worst)
@@ -186,14 +191,8 @@ class _Cache:
         Needs every sequence at the same position (true for a prefill from empty and for a
         uniform batch); prompts of different lengths are prefilled right-padded from position 0.
         """
-        B, T = self.batch_size, k.shape[2]
-        starts = set(self._host_write[:B])
-        if len(starts) != 1:
-            raise ValueError(
-                f"{type(self).__name__}.update: {T} tokens per sequence with sequences at different positions "
-                f"{self._host_write[:B]}; multi-token steps need one common position. Prefill prompts of "
-                f"different lengths together from an empty cache (right-padded), then decode one token at a time")
-        p = starts.pop()
+        T = k.shape[2]
+        p = self._host_write[0]  # common to every sequence: reserve() refuses T > 1 otherwise
         self._store(layer, k, v)
         if p == 0:
             return k, v

@@ -187,6 +187,13 @@ def test_full_cache_is_a_clear_error_and_stays_usable():
     torch.testing.assert_close(got, m(idx[:, :7])[:, -1], rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="exceeds the model's context_length"):
         KVCache.for_model(m, batch_size=1, max_seq_len=m.config.context_length + 1)
+    cache.set_lengths([7, 5])  # sequences at different positions: only one token at a time
+    with pytest.raises(ValueError, match=r"2 tokens per sequence with sequences at different positions \[7, 5\]"):
+        m(idx[:, 7:9], kv_cache=cache)
+    assert cache.host_lengths() == [7, 5] and cache.lengths.tolist() == [7, 5]
+    got = m(idx[:, 7:8], kv_cache=cache)[:, -1]
+    torch.testing.assert_close(got[0], m(idx[:1, :8])[0, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], m(torch.cat([idx[1:, :5], idx[1:, 7:8]], 1))[0, -1], rtol=1e-4, atol=1e-5)
 
 
 def test_paged_out_of_blocks_is_a_clear_error_and_stays_usable():
@@ -270,7 +277,7 @@ def test_stop_tokens_stream_and_batch_compaction():
     m = _model().to(DEV)
     full = generate(m, PROMPTS, 20, temperature=0)
     stop = full[1][4]  # sequence 1 stops at its 5th token, others maybe later or never
-    gen = Generator(m, check_every=1, compact=True)
+    gen = Generator(m, check_every=1, compact=True, cuda_graph=False)  # compaction is an eager feature
     streamed = {i: [] for i in range(len(PROMPTS))}
     got = gen.generate(PROMPTS, 20, temperature=0, stop_tokens=[stop],
                        stream=lambda seq, tok: streamed[seq].append(tok))

@@ -267,7 +267,8 @@ def test_ops_replay_in_a_cuda_graph_and_never_write_out_of_bounds():
     v = torch.empty(B, H, 1, D, device="cuda")
     pos = torch.zeros(B, dtype=torch.long, device="cuda")
     pk, pv, table = _paged_setup(B, H, 4, D, 4, torch.float32, "cuda")
-    ops.kv_append_kv(kc, vc, k.normal_(), v.normal_(), pos)  # warm-up
+    ops.kv_append_kv(kc, vc, k.normal_(), v.normal_(), pos)  # warm-up (kernels loaded before capture)
+    ops.paged_append(pk, pv, k, v, table, pos)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         ops.kv_append_kv(kc, vc, k, v, pos)
