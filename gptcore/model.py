@@ -52,11 +52,16 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv_cache is not None:
-            # The cache stores k, v at this call's positions and returns everything seen so far.
-            k, v = kv_cache.update(layer, k, v)
-        p = self.drop_rate if self.training else 0.0
-        y = ops.attention(q, k, v, causal=True, dropout_p=p, scale=None)  # (B, H, T, D)
+        if kv_cache is not None and T == 1:
+            # Decode: the cache stores k, v and attends q over each sequence's own length
+            # (sequences of a batch may sit at different positions; see gptcore.kv_cache).
+            y = kv_cache.decode(layer, q, k, v)  # (B, H, 1, D)
+        else:
+            if kv_cache is not None:
+                # The cache stores k, v at this call's positions and returns everything seen so far.
+                k, v = kv_cache.update(layer, k, v)
+            p = self.drop_rate if self.training else 0.0
+            y = ops.attention(q, k, v, causal=True, dropout_p=p, scale=None)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -153,8 +158,9 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, kv_cache=None, start_pos: int = 0) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab).
 
-        With a kv_cache, idx holds the tokens at positions [start_pos, start_pos + T) and the
-        cache supplies the keys/values of earlier positions.
+        Without a cache, idx holds the tokens at positions [start_pos, start_pos + T). With a
+        kv_cache (gptcore.kv_cache), each sequence continues where it left off in the cache
+        (sequences may be at different positions) and the cache supplies the earlier keys/values.
         """
         hidden = self.hidden_states(idx, kv_cache, start_pos)
         return self.lm_head(hidden)
@@ -167,7 +173,13 @@ class GPT(nn.Module):
             raise TypeError(f"GPT expects integer token ids, got {idx.dtype}")
         B, T = idx.shape
         cfg = self.config
-        if start_pos + T > cfg.context_length:
+        if kv_cache is not None:
+            if start_pos:
+                raise ValueError("with a kv_cache, positions come from the cache (its lengths); pass start_pos=0")
+            if kv_cache.max_seq_len > cfg.context_length:
+                raise ValueError(f"kv_cache holds {kv_cache.max_seq_len} positions but the model's context_length "
+                                 f"is {cfg.context_length}; build the cache with max_seq_len <= {cfg.context_length}")
+        elif start_pos + T > cfg.context_length:
             raise ValueError(
                 f"sequence of {start_pos + T} positions exceeds the model's context_length "
                 f"{cfg.context_length}; crop the input (e.g. idx[:, -{cfg.context_length}:])"
@@ -179,8 +191,14 @@ class GPT(nn.Module):
                 raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
         x = self.transformer.wte(idx)
         rope = None
+        if kv_cache is not None:
+            pos = kv_cache.advance(T)  # (B, T) per-sequence positions; raises if the cache is full
+        else:
+            pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
         if cfg.pos_emb == "learned":
-            x = x + self.transformer.wpe(torch.arange(start_pos, start_pos + T, device=idx.device))
+            x = x + self.transformer.wpe(pos)
+        elif kv_cache is not None:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D)
         else:
             rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])
         resid = self.transformer.drop(x)

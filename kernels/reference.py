@@ -68,3 +68,27 @@ def attention_ref(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale=No
             dropout_mask = torch.rand_like(p, dtype=torch.float32) >= dropout_p
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     return p @ v
+
+
+def decode_attention_ref(q, k_cache, v_cache, lengths, block_table=None, scale=None):
+    """One query per sequence over a KV cache, by explicit masked softmax (twin of decode_attention).
+
+    q: (B, H, 1, D). Static cache: k_cache, v_cache (B, H, T, D). Paged cache: (num_blocks, H,
+    block_size, D) with block_table (B, max_blocks), key t of sequence b in block
+    block_table[b, t // block_size] at slot t % block_size. Sequence b attends to keys
+    0..lengths[b]-1. Shapes never depend on lengths' values (no host sync).
+    """
+    if block_table is not None:
+        blocks = block_table.long().clamp(min=0)  # ids past a sequence's length are masked below
+        nb, H, bs, D = k_cache.shape
+        B, mb = blocks.shape
+        k_cache = k_cache[blocks].permute(0, 2, 1, 3, 4).reshape(B, H, mb * bs, D)
+        v_cache = v_cache[blocks].permute(0, 2, 1, 3, 4).reshape(B, H, mb * bs, D)
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    s = (q @ k_cache.transpose(-2, -1)) * scale  # (B, H, 1, T)
+    keep = torch.arange(k_cache.shape[-2], device=q.device)[None, :] < lengths[:, None]  # (B, T)
+    s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+    low = s.dtype in (torch.float16, torch.bfloat16)
+    p = torch.softmax(s.float() if low else s, dim=-1).to(q.dtype)
+    return p @ v_cache

@@ -1,0 +1,624 @@
+"""Text generation with gptcore's KV cache: batched prompts of different lengths, sampling on the
+device, per-sequence stop tokens, streaming, and a CUDA-graph decode step.
+
+    from gptcore.generate import generate, Generator
+    new = generate(model, [[464, 2068, 7586], [40]], max_new_tokens=20, temperature=0)  # greedy
+    gen = Generator(model, paged=True)    # keeps its cache and captured graphs between calls
+    new = gen.generate(prompts, 64, temperature=0.8, top_k=50, top_p=0.95, seed=0, stop_tokens=[50256])
+    gen.stats                             # tokens/s, prefill/decode ms, decode mode (and why)
+
+Both return the new tokens of each prompt (list of lists, a stop token included when hit).
+
+CLI (``python -m gptcore.generate --help`` explains every flag):
+    python -m gptcore.generate --preset tiny --prompt "Hello" --max-new-tokens 20
+    python -m gptcore.generate --ckpt out/ckpt.pt --prompt "Once upon a time" --stream --top-k 50
+
+How a call runs:
+  prefill  prompts are right-padded to the longest and run through the model once, writing every
+           layer's keys/values into the cache; causal attention keeps each real token blind to the
+           padding after it. Each sequence's logits are read at its own last token, and the cache
+           is rewound to each prompt's length (``set_lengths``).
+  decode   one token per sequence per step: the cache appends it at that sequence's position and
+           decode attention reads each sequence's own length. Sampling (temperature, top-k,
+           top-p, exponential-race draw from a seeded torch.Generator) runs on the device, so the
+           loop never reads the GPU, except every ``check_every`` steps to see whether every
+           sequence has hit a stop token (a device-side done flag), and for streaming, which
+           copies each step's tokens to pinned memory and hands them over one step late.
+  graph    on CUDA the decode step is captured once per (batch, cache, sampling settings) in a
+           torch.cuda.CUDAGraph and replayed: a static token buffer in, the next token out. The
+           host keeps the cache's shadow counters (``reserve(1)``, which also hands out paged
+           blocks) and draws the sampling noise before each replay. Elsewhere (CPU, no cache,
+           cuda_graph=False, or a failed capture) the same step runs eagerly and ``stats`` says why.
+           With ``compact=True`` eager decoding drops finished sequences from the batch
+           (``cache.reorder``) at each check.
+  no cache ``use_cache=False`` recomputes the whole (right-padded) sequence for every new token:
+           the reference the cached path must match token for token.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from gptcore.kv_cache import KVCache, PagedKVCache
+
+Prompts = Union[torch.Tensor, Sequence[int], Sequence[Sequence[int]]]
+StreamFn = Callable[[int, int], None]  # (sequence index, token id)
+
+
+# ---- sampling ---------------------------------------------------------------------------------
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
+    """logits (B, V) with disallowed tokens set to -inf.
+
+    top_k keeps the k largest logits (ties with the k-th are kept too); top_p keeps the smallest
+    set of most likely tokens whose probability reaches top_p (the most likely token always stays).
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs   # mass of the more likely tokens
+        ordered = ordered.masked_fill(before >= top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, ordered)
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next token (B,) int64 from logits (B, V), on the logits' device, without a host sync.
+
+    temperature 0 is greedy (argmax). Otherwise the filtered, tempered logits are sampled by the
+    exponential race: argmax_i(logit_i - log E_i) with E_i ~ Exp(1) i.i.d. (``noise``, (B, V)
+    float32) picks token i with probability softmax(logits)_i, and never a filtered token.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    if noise is None:
+        raise ValueError("sample: temperature > 0 needs noise, a (B, V) tensor of Exp(1) draws")
+    scores = filter_logits(logits.float() / temperature, top_k, top_p)
+    return (scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(dim=-1)
+
+
+def _check_sampling(temperature, top_k, top_p, max_new_tokens):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _as_prompt_lists(prompts: Prompts) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() == 1:
+            prompts = prompts[None]
+        if prompts.dim() != 2 or prompts.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"prompts tensor must be (B, T) or (T,) integer token ids, got "
+                             f"{tuple(prompts.shape)} {prompts.dtype}")
+        return prompts.tolist()
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]
+    out = [[int(t) for t in p] for p in prompts]
+    if not out:
+        raise ValueError("generate: no prompts given")
+    return out
+
+
+# ---- streaming --------------------------------------------------------------------------------
+class _Streamer:
+    """Hands each step's tokens to ``fn(seq, token)`` one step late, so the GPU queue never drains.
+
+    A step's tokens are copied to pinned host memory behind a CUDA event; they are delivered when
+    the next step has been queued (or at the end). A sequence's tokens stop after its stop token.
+    """
+
+    def __init__(self, fn: StreamFn, device: torch.device, stop: set[int]):
+        self.fn, self.device, self.stop = fn, device, stop
+        self.pending = None
+        self.finished: set[int] = set()
+
+    def push(self, rows: list[int], tok: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            host = torch.empty(tok.shape, dtype=tok.dtype, pin_memory=True)
+            host.copy_(tok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = tok.clone(), None
+        self.flush()
+        self.pending = (list(rows), host, event)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        rows, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        for seq, t in zip(rows, host.view(-1).tolist()):
+            if seq in self.finished:
+                continue
+            self.fn(seq, t)
+            if t in self.stop:
+                self.finished.add(seq)
+
+
+# ---- the generator ----------------------------------------------------------------------------
+@dataclass
+class _Request:
+    """One generate() call, validated."""
+
+    prompts: list[list[int]]
+    new_tokens: int
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    stops: list[int]
+    rng: torch.Generator
+    stream: Optional[StreamFn]
+
+    @property
+    def lens(self) -> list[int]:
+        return [len(p) for p in self.prompts]
+
+    @property
+    def sampling(self) -> tuple:
+        return (self.temperature, self.top_k, self.top_p)
+
+    def sample(self, logits: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
+        return sample(logits, self.temperature, self.top_k, self.top_p, noise)
+
+    def streamer(self, device: torch.device) -> Optional["_Streamer"]:
+        return _Streamer(self.stream, device, set(self.stops)) if self.stream else None
+
+
+class _Graph:
+    """A captured decode step and the static buffers it reads and writes."""
+
+    def __init__(self, graph, tok, done, noise):
+        self.graph, self.tok, self.done, self.noise = graph, tok, done, noise
+
+
+class Generator:
+    """Generation for one model; keeps its KV cache and captured CUDA graphs between calls.
+
+    paged:       use PagedKVCache (block_size tokens per block, num_blocks blocks; default
+                 enough for every sequence to reach max_seq_len) instead of the static KVCache
+    cuda_graph:  capture the decode step on CUDA (falls back to eager, saying why in stats)
+    max_seq_len: cache capacity; default: the longest prompt + max_new_tokens rounded up to 64
+                 (capped at context_length), so repeated calls of one shape reuse cache and graph
+    check_every: decode steps between the host's looks at the device-side done flags
+    compact:     in eager decoding, drop finished sequences from the batch at each check (less
+                 work per step; low-precision results may differ in the last bits, since the
+                 matmuls then see another batch size). CUDA graphs keep the batch fixed.
+    """
+
+    def __init__(self, model, *, paged: bool = False, block_size: int = 16, num_blocks: Optional[int] = None,
+                 cuda_graph: bool = True, max_seq_len: Optional[int] = None, check_every: int = 16,
+                 compact: bool = False):
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.model = model
+        self.paged, self.block_size, self.num_blocks = paged, block_size, num_blocks
+        self.cuda_graph = cuda_graph
+        self.max_seq_len = max_seq_len
+        self.check_every = check_every
+        self.compact = compact
+        self.cache: Optional[Union[KVCache, PagedKVCache]] = None
+        self._graphs: dict[tuple, _Graph] = {}
+        self.stats: dict = {}
+
+    # ---- setup -------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _get_cache(self, batch: int, need: int):
+        ctx = self.model.config.context_length
+        cap = self.max_seq_len or min(ctx, -(-need // 64) * 64)
+        if need > cap:
+            raise ValueError(f"generation needs {need} positions but the Generator's max_seq_len is {cap}")
+        c = self.cache
+        dtype = next(self.model.parameters()).dtype
+        if (c is None or c.max_batch_size != batch or c.max_seq_len != cap or c.dtype != dtype
+                or c.device != self._device() or c.attention != self.model.backend):
+            kw = dict(block_size=self.block_size, num_blocks=self.num_blocks) if self.paged else {}
+            cls = PagedKVCache if self.paged else KVCache
+            self.cache = cls.for_model(self.model, batch_size=batch, max_seq_len=cap, **kw)
+            self._graphs.clear()
+        self.cache.reset()
+        return self.cache
+
+    def _decode_mode(self, use_cache: bool) -> tuple[bool, str]:
+        if not use_cache:
+            return False, "eager (no cache: every step recomputes the whole sequence)"
+        if self._device().type != "cuda":
+            return False, f"eager (CUDA graphs need a CUDA device; the model is on {self._device()})"
+        if not self.cuda_graph:
+            return False, "eager (cuda_graph=False)"
+        return True, "cuda-graph"
+
+    # ---- public ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 stop_tokens: Optional[Sequence[int]] = None, seed: Optional[int] = None,
+                 use_cache: bool = True, stream: Optional[StreamFn] = None) -> list[list[int]]:
+        """New tokens for each prompt (list of lists); see the module doc and ``generate``."""
+        model = self.model
+        cfg = model.config
+        _check_sampling(temperature, top_k, top_p, max_new_tokens)
+        prompts = _as_prompt_lists(prompts)
+        lens = [len(p) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty; give at least one token (e.g. <|endoftext|> = 50256)")
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+        longest = max(lens)
+        if longest > cfg.context_length:
+            raise ValueError(
+                f"prompt {lens.index(longest)} has {longest} tokens, more than the model's context_length "
+                f"{cfg.context_length}; shorten it (e.g. keep its last {max(1, cfg.context_length - max_new_tokens)} tokens)")
+        if longest + max_new_tokens > cfg.context_length:
+            raise ValueError(
+                f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} "
+                f"positions exceeds the model's context_length {cfg.context_length}; ask for at most "
+                f"{cfg.context_length - longest} new tokens or shorten the prompt")
+        B, N = len(prompts), max_new_tokens
+        if N == 0:
+            return [[] for _ in prompts]
+        device = self._device()
+        rng = torch.Generator(device=device)
+        if seed is None:
+            rng.seed()
+        else:
+            rng.manual_seed(seed)
+        stops = sorted(set(int(t) for t in stop_tokens or ()))
+        graph_ok, mode = self._decode_mode(use_cache)
+        was_training = model.training
+        model.eval()
+        try:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            req = _Request(prompts, N, float(temperature), top_k, top_p, stops, rng, stream)
+            if use_cache:
+                out, t_prefill, mode = self._run_cached(req, graph_ok, mode)
+            else:
+                out, t_prefill = self._run_uncached(req)
+            host = out.cpu().tolist()  # the one sync at the end
+            t1 = time.perf_counter()
+        finally:
+            model.train(was_training)
+        result = []
+        stop_set = set(stops)
+        for row in host:
+            cut = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+            result.append(row[:cut])
+        total = t1 - t0
+        n_new = sum(len(r) for r in result)
+        self.stats = {
+            "batch": B, "new_tokens": n_new, "seconds": total, "tokens_per_s": n_new / total if total else None,
+            "prefill_ms": (t_prefill - t0) * 1e3, "decode_ms_per_step": (t1 - t_prefill) * 1e3 / max(1, N - 1),
+            "decode_mode": mode, "cache": ("paged" if self.paged else "static") if use_cache else None,
+            "kv_bytes_per_token": self.cache.bytes_per_token() if use_cache else None,
+        }
+        return result
+
+    # ---- cached path -------------------------------------------------------------------------
+    def _run_cached(self, req: _Request, graph_ok: bool, mode: str):
+        """Prefill, then decode N-1 steps; returns (tokens (B, N) on the device, prefill end time, mode)."""
+        model, device = self.model, self._device()
+        lens, N, stops = req.lens, req.new_tokens, req.stops
+        B, longest = len(lens), max(lens)
+        cache = self._get_cache(B, longest + N)
+        padded = torch.tensor([p + [0] * (longest - len(p)) for p in req.prompts], dtype=torch.long)
+        last = torch.tensor([n - 1 for n in lens], dtype=torch.long)
+        padded, last = padded.to(device, non_blocking=True), last.to(device, non_blocking=True)
+
+        # prefill: one forward over the right-padded prompts, logits at each prompt's last token
+        hidden = model.hidden_states(padded, kv_cache=cache)                     # (B, T, C)
+        logits = model.lm_head(hidden[torch.arange(B, device=device), last])     # (B, V)
+        cache.set_lengths(lens)
+        V = logits.shape[-1]
+        noise = torch.empty((B, V), device=device, dtype=torch.float32) if req.temperature > 0 else None
+        if noise is not None:
+            noise.exponential_(generator=req.rng)
+        first = req.sample(logits, noise)                                         # (B,)
+        stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
+        if graph_ok:
+            key = (B, cache.max_seq_len, req.sampling, tuple(stops))
+            state = self._graphs.get(key)
+            if state is None:
+                state = _Graph(None, torch.empty((B, 1), dtype=torch.long, device=device),
+                               torch.zeros(B, dtype=torch.bool, device=device), noise)
+        else:
+            state = _Graph(None, torch.empty((B, 1), dtype=torch.long, device=device),
+                           torch.zeros(B, dtype=torch.bool, device=device), noise)
+        state.tok.copy_(first[:, None])
+        state.done.copy_(_is_stop(first, stop_t) if stop_t is not None else torch.zeros_like(state.done))
+        out = torch.empty((B, N), dtype=torch.long, device=device)
+        out[:, 0] = first
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t_prefill = time.perf_counter()
+        streamer = req.streamer(device)
+        if streamer:
+            streamer.push(list(range(B)), first)
+
+        def step():
+            with cache.external_reservation():
+                logits = model(state.tok, kv_cache=cache)[:, -1]                   # (B, V)
+                nxt = req.sample(logits, state.noise)
+                state.tok.copy_(nxt[:, None])
+                if stop_t is not None:
+                    state.done.logical_or_(_is_stop(nxt, stop_t))
+
+        rows = list(range(B))               # rows[r] = the prompt that cache row r generates for
+        rows_dev = None                     # device copy of rows once compaction reorders them
+        for i in range(1, N):
+            cache.reserve(1)
+            if state.noise is not None:
+                state.noise.exponential_(generator=req.rng)
+            if graph_ok and state.graph is None:
+                try:
+                    state.graph = self._capture(cache, state, step)
+                    self._graphs[key] = state
+                except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
+                    graph_ok, mode = False, f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
+                    torch.cuda.synchronize()
+            if state.graph is not None and graph_ok:
+                state.graph.replay()
+            else:
+                step()
+            if rows_dev is None:
+                out[:, i] = state.tok[:, 0]
+            else:
+                out[rows_dev, i] = state.tok[:, 0]
+            if streamer:
+                streamer.push(rows, state.tok)
+            if stop_t is not None and i % self.check_every == 0 and i < N - 1:
+                done = state.done.tolist()
+                if all(done):
+                    break
+                if self.compact and not graph_ok and any(done):
+                    keep = [r for r, d in enumerate(done) if not d]
+                    cache.reorder(keep)
+                    keep_dev = torch.tensor(keep, device=device)
+                    state = _Graph(None, state.tok[keep_dev].clone(), state.done[keep_dev].clone(),
+                                   None if state.noise is None else state.noise[: len(keep)].clone())
+                    rows = [rows[r] for r in keep]
+                    rows_dev = torch.tensor(rows, device=device)
+        if streamer:
+            streamer.flush()
+        return out, t_prefill, mode
+
+    def _capture(self, cache, state: _Graph, step) -> torch.cuda.CUDAGraph:
+        """Warm the step up once on a side stream (compiles/tunes kernels), undo its effects, capture it."""
+        saved = (cache.save_lengths(), state.tok.clone(), state.done.clone())
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):
+                step()  # writes the slot the first replay will write again
+        finally:  # also when the warm-up fails: the eager fallback must start from the same state
+            torch.cuda.current_stream().wait_stream(side)
+            cache.restore_lengths(saved[0])
+            state.tok.copy_(saved[1])
+            state.done.copy_(saved[2])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return graph
+
+    # ---- uncached path (reference) -----------------------------------------------------------
+    def _run_uncached(self, req: _Request):
+        """The reference: every step runs the whole right-padded sequence; returns (tokens, prefill end)."""
+        model, device = self.model, self._device()
+        lens, N, stops = req.lens, req.new_tokens, req.stops
+        B, longest = len(lens), max(lens)
+        seq = torch.tensor([p + [0] * (longest + N - len(p)) for p in req.prompts], dtype=torch.long).to(device)
+        pos = torch.tensor(lens, dtype=torch.long).to(device)       # (B,) next position per sequence
+        arange = torch.arange(B, device=device)
+        stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = torch.empty((B, N), dtype=torch.long, device=device)
+        noise = None
+        streamer = req.streamer(device)
+        t_prefill = 0.0
+        for i in range(N):
+            hidden = model.hidden_states(seq[:, : longest + i])                  # (B, T, C)
+            logits = model.lm_head(hidden[arange, pos - 1])                       # (B, V)
+            if req.temperature > 0:
+                noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=req.rng)
+            tok = req.sample(logits, noise)
+            seq[arange, pos] = tok
+            pos += 1
+            out[:, i] = tok
+            if i == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t_prefill = time.perf_counter()
+            if streamer:
+                streamer.push(list(range(B)), tok)
+            if stop_t is not None:
+                done |= _is_stop(tok, stop_t)
+                if i % self.check_every == 0 and bool(done.all()):
+                    break
+        if streamer:
+            streamer.flush()
+        return out, t_prefill
+
+
+def _is_stop(tok: torch.Tensor, stop_t: torch.Tensor) -> torch.Tensor:
+    return (tok[:, None] == stop_t[None, :]).any(dim=-1)
+
+
+def generate(model, idx_or_prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, top_p: Optional[float] = None,
+             stop_tokens: Optional[Sequence[int]] = None, seed: Optional[int] = None, use_cache: bool = True,
+             stream: Optional[StreamFn] = None, paged: bool = False, cuda_graph: bool = True) -> list[list[int]]:
+    """Generate up to max_new_tokens for each prompt; returns the new tokens of each (list of lists).
+
+    idx_or_prompts: a (B, T) or (T,) tensor of token ids, one list of ids, or a list of lists of
+    different lengths (one batch). temperature 0 = greedy; top_k / top_p filter before sampling;
+    seed makes sampling reproducible; a sequence stops after emitting any of stop_tokens;
+    stream(seq_index, token) is called for every new token as it comes. use_cache=False recomputes
+    the whole sequence each step (the reference). For repeated calls keep a ``Generator``.
+    """
+    gen = Generator(model, paged=paged, cuda_graph=cuda_graph)
+    return gen.generate(idx_or_prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        stop_tokens=stop_tokens, seed=seed, use_cache=use_cache, stream=stream)
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+def load_checkpoint_model(path: str, device: str):
+    """The GPT stored at ``path`` (gptcore.checkpoint.load_model)."""
+    try:
+        from gptcore.checkpoint import load_model
+    except ImportError as e:
+        raise SystemExit(f"--ckpt needs gptcore.checkpoint, which cannot be imported here ({e})") from e
+    return load_model(path, device=device)
+
+
+def _tokenizer():
+    try:
+        from gptcore.tokenizer import get_encoding
+    except ImportError as e:
+        raise SystemExit(f"text prompts need gptcore.tokenizer ({e}); pass token ids with --prompt-ids instead") from e
+    return get_encoding("gpt2")
+
+
+def _print_stream(enc) -> StreamFn:
+    """A stream callback printing each token as it comes (bytes of a split UTF-8 character wait)."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def show(seq: int, tok: int) -> None:
+        text = utf8.decode(enc.decode_single_token_bytes(tok)) if enc is not None else f" {tok}"
+        print(text, end="", flush=True)
+
+    return show
+
+
+def _parse_args(argv=None):
+    from gptcore.config import PRESETS
+    from gptcore.ops import BACKENDS, default_backend
+
+    p = argparse.ArgumentParser(
+        prog="python -m gptcore.generate",
+        description="Generate text with a gptcore GPT model and its KV cache; prints each completion "
+                    "and the speed (new tokens/s) at the end.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="PATH", help="checkpoint to load (gptcore.checkpoint.load_model)")
+    src.add_argument("--preset", choices=sorted(PRESETS),
+                     help="build this preset with random weights (seeded by --seed), e.g. to measure speed")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt text; repeat the flag for several prompts, which run as one batch")
+    p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
+                   help="read a prompt from a file (the whole file is one prompt; repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 464,2068 (repeatable; no tokenizer needed)")
+    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per sequence (default 50)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="softmax temperature; 0 = greedy (always the most likely token). Default 1.0")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed for sampling (and for --preset's random weights, default 0): same seed, same output")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt, all in one batch (default 1)")
+    p.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
+                   help="end a sequence once it emits this token id, e.g. 50256 = <|endoftext|> (repeatable)")
+    p.add_argument("--stream", action="store_true",
+                   help="print tokens as they are generated (one sequence: one prompt, --num-samples 1)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="no KV cache: recompute the whole sequence for every token (the slow reference)")
+    p.add_argument("--paged", action="store_true", help="use the paged KV cache (blocks from a free list)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per block of the paged cache (default 16)")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly even on CUDA")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help=f"kernels to run: reference, torch or triton (default here: {default_backend()})")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weights and KV-cache dtype (default: bfloat16 on a GPU that supports it, else float32)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    args = p.parse_args(argv)
+    if not (args.prompt or args.prompt_file or args.prompt_ids):
+        p.error("give at least one prompt: --prompt TEXT, --prompt-file PATH or --prompt-ids IDS")
+    if args.num_samples < 1:
+        p.error("--num-samples must be >= 1")
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype is None:
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    from gptcore.config import GPTConfig
+    from gptcore.model import GPT
+
+    if args.ckpt:
+        model = load_checkpoint_model(args.ckpt, device)
+        if args.backend:
+            model.set_backend(args.backend)
+    else:
+        torch.manual_seed(0 if args.seed is None else args.seed)
+        model = GPT(GPTConfig.from_preset(args.preset), backend=args.backend)
+    model = model.to(device=device, dtype=dtype).eval()
+
+    texts = list(args.prompt) + [open(f, encoding="utf-8").read() for f in args.prompt_file]
+    enc = _tokenizer() if texts or not args.prompt_ids else None
+    prompts = [enc.encode(t, allowed_special={"<|endoftext|>"}) for t in texts]
+    for ids in args.prompt_ids:
+        try:
+            prompts.append([int(x) for x in ids.split(",") if x.strip()])
+        except ValueError:
+            raise SystemExit(f"--prompt-ids {ids!r}: expected comma-separated integers")
+    batch = [p for p in prompts for _ in range(args.num_samples)]
+    if args.stream and len(batch) != 1:
+        raise SystemExit("--stream prints one sequence: give one prompt and --num-samples 1")
+
+    def show(ids):
+        return enc.decode(ids) if enc is not None else " ".join(map(str, ids))
+
+    if args.stream:
+        print(show(batch[0]), end="", flush=True)
+    stream = _print_stream(enc) if args.stream else None
+    gen = Generator(model, paged=args.paged, block_size=args.block_size, cuda_graph=not args.no_cuda_graph)
+    try:
+        new = gen.generate(batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, stop_tokens=args.stop_token, seed=args.seed,
+                           use_cache=not args.no_cache, stream=stream)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    if args.stream:
+        print()
+    else:
+        for i, (p, n) in enumerate(zip(batch, new)):
+            print(f"--- sample {i} (prompt {i // args.num_samples})")
+            print(show(p) + show(n) if enc is not None else f"{show(p)} | {show(n)}")
+    s = gen.stats
+    kv = f"{s['cache']} KV cache, {s['kv_bytes_per_token'] / 1024:.1f} KiB/token" if s["cache"] else "no KV cache"
+    print(f"{s['new_tokens']} new tokens in {s['seconds']:.3f} s: {s['tokens_per_s']:.1f} tokens/s "
+          f"(prefill {s['prefill_ms']:.1f} ms, {s['decode_ms_per_step']:.2f} ms/step; batch {s['batch']}; "
+          f"decode: {s['decode_mode']}; {kv}; {model.backend} backend, {dtype}, {device})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Decode attention in Triton: one new query per sequence over a long KV cache (flash-decoding).
+
+    from gptcore.kernels.decode_attention import decode_attention
+    y = decode_attention(q, k_cache, v_cache, lengths)                       # static cache
+    y = decode_attention(q, k_cache, v_cache, lengths, block_table=table)    # paged cache
+
+    q        (B, H, 1, D) or (B, H, D)
+    static   k_cache, v_cache (B, H, T_max, D), any strides (e.g. views of a bigger buffer)
+    paged    k_cache, v_cache (num_blocks, H, block_size, D); block_table (B, max_blocks) int32/int64:
+             key t of sequence b sits in block block_table[b, t // block_size], slot t % block_size
+    lengths  (B,) int32/int64: sequence b attends to its keys 0 .. lengths[b]-1 (clamped to the
+             cache's capacity; a sequence of length 0 gets a zero output)
+    returns  q's shape and dtype
+
+With one query row there is no matrix product worth a tensor core, and one program per
+(sequence, head) would leave most of the GPU idle at small batch. So the keys are split:
+  _split_kernel    grid (B*H, S): program (bh, s) streams keys [s*L, (s+1)*L) of its sequence in
+                   tiles of BLOCK_N rows with an online softmax (fp32, base 2) and writes its
+                   partial result: unnormalised output acc, running max m and sum l.
+  _combine_kernel  grid (B*H,): rescales the S partials to the largest m and normalises:
+                   out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+With S == 1 the split kernel normalises and writes the output itself. S depends only on shapes
+(batch, heads, capacity, GPU size), never on lengths, so one launch configuration serves every
+decode step and the kernels can be captured in a CUDA graph. Tiles past a sequence's length load
+nothing (fully masked). Reads are bounds-safe: keys past lengths[b] and keys in a block id outside
+[0, num_blocks) are masked, never loaded.
+
+Reference twin: gptcore.kernels.reference.decode_attention_ref. Tests: tests/test_generate.py
+(CPU: TRITON_INTERPRET=1). Benchmark: python -m bench.generate (decode-attention GB/s).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+
+@triton.jit
+def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum,
+                  sqb, sqh, sqd,            # Q: (B, H, D) strides
+                  skb, skh, skt, skd,       # K: static (B, H, T, D) / paged (NB, H, PAGE, D) strides
+                  svb, svh, svt, svd,       # V: like K
+                  sbt,                      # BlockTable: (B, max_blocks) row stride
+                  sob, soh, sod,            # Out: (B, H, D) strides
+                  H, D, capacity, num_blocks, qk_scale,
+                  SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    length = tl.minimum(tl.load(Lens + b).to(tl.int32), capacity)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, length)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    # Scores in base 2: (q . k) * scale * log2(e), so exp2 below is the softmax's exp.
+    q = tl.load(Q + b * sqb + h * sqh + offs_d * sqd, mask=mask_d, other=0.0).to(tl.float32) * qk_scale
+    m_i = tl.full([], float("-inf"), tl.float32)
+    l_i = tl.full([], 0.0, tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    k_head = K + h * skh
+    v_head = V + h * svh
+    # A fixed trip count (tiles past `end` are fully masked: no loads) keeps the loop static.
+    for tile in range(SPLIT_LEN // BLOCK_N):
+        offs_n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = offs_n < end
+        if PAGED:
+            blk = tl.load(BlockTable + b * sbt + offs_n // PAGE, mask=valid, other=0).to(tl.int64)
+            valid = valid & (blk >= 0) & (blk < num_blocks)
+            slot = offs_n % PAGE
+            k_rows = blk * skb + slot * skt
+            v_rows = blk * svb + slot * svt
+        else:
+            k_rows = b.to(tl.int64) * skb + offs_n * skt
+            v_rows = b.to(tl.int64) * svb + offs_n * svt
+        tile_mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(k_head + k_rows[:, None] + offs_d[None, :] * skd, mask=tile_mask, other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)            # (BLOCK_N,)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)         # a tile with no valid key
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v = tl.load(v_head + v_rows[:, None] + offs_d[None, :] * svd, mask=tile_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)
+        tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=mask_d)
+    else:
+        part = pid_bh * NUM_SPLITS + split
+        tl.store(PartAcc + part * BLOCK_D + offs_d, acc)
+        tl.store(PartMax + part, m_i)
+        tl.store(PartSum + part, l_i)
+
+
+@triton.jit
+def _combine_kernel(PartAcc, PartMax, PartSum, Out,  # partials: (B*H, S, BLOCK_D), (B*H, S), (B*H, S)
+                    sob, soh, sod, H, D,
+                    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    base = pid_bh * NUM_SPLITS + offs_s
+    m = tl.load(PartMax + base, mask=mask_s, other=float("-inf"))
+    l = tl.load(PartSum + base, mask=mask_s, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))     # (BLOCK_S,), 0 for empty splits
+    acc = tl.load(PartAcc + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
+    num = tl.sum(w[:, None] * acc, axis=0)
+    den = tl.sum(w * l, axis=0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < D)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan_splits(batch_heads: int, capacity: int, device: torch.device, block_n: int,
+                num_splits: int | None = None) -> tuple[int, int]:
+    """(num_splits, split_len): about four programs per SM (a memory-bound kernel wants many warps
+    in flight), each a whole number of BLOCK_N tiles; one split on the CPU unless asked."""
+    tiles = max(1, triton.cdiv(capacity, block_n))
+    if num_splits is None:
+        if device.type == "cuda":
+            want = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            num_splits = triton.cdiv(want, max(1, batch_heads))
+        else:
+            num_splits = 1
+    num_splits = max(1, min(int(num_splits), tiles))
+    split_len = triton.cdiv(tiles, num_splits) * block_n
+    return triton.cdiv(capacity, split_len), split_len
+
+
+def _check(q, k_cache, v_cache, lengths, block_table):
+    if q.dim() == 4:
+        if q.shape[2] != 1:
+            raise ValueError(f"decode_attention: q must hold one query per sequence, (B, H, 1, D); got "
+                             f"{tuple(q.shape)} (use the attention kernel for several queries)")
+    elif q.dim() != 3:
+        raise ValueError(f"decode_attention: q must be (B, H, 1, D) or (B, H, D), got {tuple(q.shape)}")
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("lengths", lengths)):
+        if t.device != q.device:
+            raise ValueError(f"decode_attention: {name} is on {t.device} but q is on {q.device}; "
+                             f"move it with .to(q.device)")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"decode_attention: q, k_cache, v_cache must share a dtype; got {q.dtype}, "
+                        f"{k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: k_cache and v_cache must be 4-D and alike, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if k_cache.shape[1] != H or k_cache.shape[3] != D:
+        raise ValueError(f"decode_attention: cache {tuple(k_cache.shape)} does not match q's heads {H} "
+                         f"and head_dim {D}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"decode_attention: head_dim {D} > {MAX_HEAD_DIM} is not supported")
+    if lengths.shape != (B,) or lengths.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"decode_attention: lengths must be (B,) = ({B},) int32/int64, got "
+                         f"{tuple(lengths.shape)} {lengths.dtype}")
+    if block_table is None:
+        if k_cache.shape[0] != B:
+            raise ValueError(f"decode_attention: static cache batch {k_cache.shape[0]} != q's batch {B}")
+    else:
+        if block_table.device != q.device:
+            raise ValueError(f"decode_attention: block_table is on {block_table.device} but q is on {q.device}")
+        if block_table.dim() != 2 or block_table.shape[0] != B or block_table.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"decode_attention: block_table must be (B, max_blocks) int32/int64 with B = {B}, "
+                             f"got {tuple(block_table.shape)} {block_table.dtype}")
+        if block_table.stride(1) != 1:
+            raise ValueError("decode_attention: block_table must have a contiguous last dim")
+        page = k_cache.shape[2]
+        if page & (page - 1):
+            raise ValueError(f"decode_attention: block_size must be a power of two, got {page}")
+
+
+def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None, num_splits=None):
+    """softmax(q K^T * scale) V over keys 0..lengths[b]-1 of each sequence; see the module doc."""
+    _check(q, k_cache, v_cache, lengths, block_table)
+    B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    q3 = q.reshape(B, H, D) if q.dim() == 4 else q  # a view for (B, H, 1, D)
+    lengths = lengths.contiguous()
+    out = torch.empty((B, H, D), device=q.device, dtype=q.dtype)
+    paged = block_table is not None
+    page = k_cache.shape[2] if paged else 1
+    capacity = block_table.shape[1] * page if paged else k_cache.shape[2]
+    BLOCK_N = 64 if D <= 64 else 32
+    BLOCK_D = triton.next_power_of_2(D)
+    splits, split_len = plan_splits(B * H, capacity, q.device, BLOCK_N, num_splits)
+    if splits > 1:
+        part_acc = torch.empty((B * H, splits, BLOCK_D), device=q.device, dtype=torch.float32)
+        part_max = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
+        part_sum = torch.empty((B * H, splits), device=q.device, dtype=torch.float32)
+    else:
+        part_acc = part_max = part_sum = out  # unused when there is one split
+    bt = block_table if paged else lengths  # a placeholder pointer when static
+    _split_kernel[(B * H, splits)](
+        q3, k_cache, v_cache, lengths, bt, out, part_acc, part_max, part_sum,
+        *q3.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0, *out.stride(),
+        H, D, capacity, k_cache.shape[0], scale * LOG2E,
+        SPLIT_LEN=split_len, NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PAGE=page, PAGED=paged,
+        num_warps=4,
+    )
+    if splits > 1:
+        _combine_kernel[(B * H,)](
+            part_acc, part_max, part_sum, out, *out.stride(), H, D,
+            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, num_warps=4,
+        )
+    return out.view(q.shape)
