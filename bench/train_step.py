@@ -19,7 +19,8 @@ T from 1024, then bisecting between the last fit and the first OOM, capped and t
 
 Every configuration runs in try/except (the error lands in its row), memory is freed between them,
 torch.compile's warm-up is timed separately (compile_s) and excluded from ms, and a time budget
-(default 240 s) skips what would not fit. Without a GPU the tiny preset runs on the CPU in fp32,
+(default 240 s) skips what would not fit. --quick: shorter timing, no compiled configs (unless
+named in configs), no context search. Without a GPU the tiny preset runs on the CPU in fp32,
 reference and torch only.
 """
 from __future__ import annotations
@@ -228,6 +229,8 @@ def run(quick: bool = False, preset: str = "gpt2", batch_size: int = 16, seq_len
         skip = None
         if not on_gpu and (c.compile or c.backend == "triton"):
             skip = "needs a CUDA GPU (compiled and Triton paths are timed on GPU only)"
+        elif quick and c.compile and configs is None:
+            skip = "--quick: compile warm-up takes minutes (name it in --configs to run it)"
         elif left < c.est_s:
             skip = f"time budget: {left:.0f} s left of {time_budget_s:.0f} s, this config needs ~{c.est_s:.0f} s"
         if skip:
