@@ -84,3 +84,25 @@ def test_attention_plot_from_rows(tmp_path):
     path = plot_attention(rows, tmp_path / "att.png")
     assert path is not None and path.stat().st_size > 1000
     assert plot_attention([{"area": "train", "TFLOPs": 1.0}], tmp_path / "none.png") is None
+
+
+@pytest.mark.parametrize("limit,cap,want", [(20000, 65536, 19968), (70000, 65536, 65536), (1500, 65536, 1024)])
+def test_longest_context_search(monkeypatch, limit, cap, want):
+    """Doubling then bisection to 512 tokens, against a fake step that fits up to `limit` tokens."""
+    import bench.train_step as ts
+
+    calls = []
+
+    def fake_fits(c, preset, T, device):
+        calls.append(T)
+        return (T <= limit), (T / 1000 if T <= limit else None), None
+
+    monkeypatch.setattr(ts, "_fits", fake_fits)
+    monkeypatch.setattr(ts, "_free", lambda: None)
+    row = ts._longest_context(ts.CONFIGS[0], "gpt2", "cuda", cap=cap, box_s=60)
+    assert row["max_T"] == want and row["peak_GiB"] == want / 1000
+    assert len(calls) == len(set(calls)) <= 16
+    if want == cap:
+        assert row["note"] == "reached the cap"
+    else:
+        assert row["first_oom_T"] - row["max_T"] <= 512 and row["note"] is None
