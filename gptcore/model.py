@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptcore.config import GPTConfig
+from gptcore.loss import linear_cross_entropy
 from gptcore.ops import BACKENDS, Ops, default_backend, get_ops
 
 
@@ -209,10 +210,22 @@ class GPT(nn.Module):
         y, _ = _add_ln(branch, resid, ln, self.ops)
         return y
 
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy of targets (B, T) given idx (B, T)."""
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             fused: Optional[bool] = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of targets (B, T) given idx (B, T).
+
+        fused (default: every backend but reference) runs the LM head and the loss in row chunks
+        (gptcore.loss.linear_cross_entropy), so the (B*T, vocab) logits never exist in full;
+        fused=False is the plain twin: full logits, then F.cross_entropy in fp32.
+        """
         if targets.shape != idx.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
+        if fused is None:
+            fused = self.backend != "reference"
+        if fused:
+            impl = "triton" if self.backend == "triton" else "torch"
+            return linear_cross_entropy(self.hidden_states(idx), self.lm_head.weight, targets,
+                                        ignore_index=ignore_index, impl=impl)
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 

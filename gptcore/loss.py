@@ -1,0 +1,188 @@
+"""Fused LM head + cross-entropy that never holds the full (rows, vocab) logits.
+
+    loss = linear_cross_entropy(h, weight, target)       # h (..., C), weight (V, C), target (...)
+    loss = linear_cross_entropy_ref(h, weight, target)   # the plain twin: F.cross_entropy(F.linear(h, W).float(), y)
+
+The plain path materialises B*T x V logits (GPT-2 at B*T = 16k: 1.6 GB in bf16, then 3.3 GB fp32
+copies for the softmax and its gradient). Here the rows go through in chunks of ``chunk_rows``
+(default 4096): for each chunk the logits are computed, turned in place into d loss / d logits by
+a row step, and immediately multiplied back into the gradients of h and of the weight, all during
+the forward pass. Backward only scales the two stored gradients by the incoming gradient. Peak
+extra memory is one chunk of logits (plus its fp32 log-softmax for the torch row step) and fp32
+gradient buffers of h and weight (Liger-Kernel's FusedLinearCrossEntropy follows the same idea).
+
+Row steps (``impl``): "torch" (log_softmax in fp32, torch ops; any device) and "triton"
+(gptcore.kernels.cross_entropy, two passes over bf16 logits, no fp32 copy; CUDA or the
+interpreter). The 1/N of the mean is applied after the matmuls, in fp32, so fp16 gradients do
+not underflow before a GradScaler's factor arrives through backward.
+
+Under autocast the matmuls run in the autocast dtype (as F.linear would) and the gradients come
+back in the dtypes of h and weight (fp32 master weights get fp32 gradients). The op is registered
+with torch.library (gptcore.custom_ops), so torch.compile treats it as one opaque node.
+
+Tests: python -m pytest -q tests/test_fused_ce.py
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gptcore.custom_ops import autograd_op
+
+DEFAULT_CHUNK_ROWS = 4096
+IMPLS = ("torch", "triton")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def linear_cross_entropy_ref(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+                             reduction: str = "mean") -> Tensor:
+    """The plain twin: full logits, then cross-entropy in fp32."""
+    logits = F.linear(h, weight).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction)
+
+
+def ce_rows_torch_(logits: Tensor, target: Tensor, ignore_index: int, loss: Tensor) -> None:
+    """Row step in torch ops: logits (n, V) -> p - onehot(target) in place; loss (n,) fp32.
+
+    Same contract as gptcore.kernels.cross_entropy.ce_rows_ (ignored rows: loss 0, zero grad;
+    a target outside [0, V): loss NaN). Costs one fp32 (n, V) buffer for the log-softmax.
+    """
+    V = logits.shape[1]
+    valid = target != ignore_index
+    in_range = (target >= 0) & (target < V)
+    safe = torch.where(valid & in_range, target, 0)[:, None]  # (n, 1)
+    logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (n, V) fp32
+    nll = -logp.gather(1, safe).squeeze(1)
+    loss.copy_(torch.where(valid, torch.where(in_range, nll, float("nan")), 0.0))
+    p = logp.exp_()  # softmax, in place of logp
+    p.scatter_add_(1, safe, -valid.to(p.dtype)[:, None])
+    torch.mul(p, valid[:, None], out=logits)
+
+
+def _row_step(impl: str):
+    if impl == "triton":
+        from gptcore.kernels.cross_entropy import ce_rows_
+
+        return ce_rows_
+    return ce_rows_torch_
+
+
+# ---- the op: forward computes loss and both gradients; backward scales them ----------------------
+def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
+                   chunk_rows: int, impl: str, compute_dtype: torch.dtype,
+                   compute_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """h (N, C), weight (V, C), target (N,) -> (loss fp32 scalar, grad_h (N, C) fp32, grad_w (V, C) fp32).
+
+    The gradients are d loss / d h and d loss / d weight for an incoming gradient of 1 (empty
+    tensors when compute_grads is False).
+    """
+    N, C = h.shape
+    V = weight.shape[0]
+    step = _row_step(impl)
+    target = target.contiguous()
+    loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
+    grad_h = torch.empty((N, C) if compute_grads else (0,), dtype=torch.float32, device=h.device)
+    grad_w = torch.zeros((V, C) if compute_grads else (0,), dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(compute_dtype)  # (V, C)
+        for s in range(0, N, chunk_rows):
+            e = min(s + chunk_rows, N)
+            hc = h[s:e].to(compute_dtype)  # (n, C)
+            logits = hc @ w.t()  # (n, V), becomes d loss_row / d logits below
+            step(logits, target[s:e], ignore_index, loss_rows[s:e])
+            if compute_grads:
+                grad_h[s:e] = logits @ w  # (n, C)
+                grad_w += logits.t() @ hc  # (V, C)
+            del logits
+        loss = loss_rows.sum()
+        if reduction == "mean":
+            n_valid = (target != ignore_index).sum()
+            loss = loss / n_valid  # NaN when every row is ignored, as F.cross_entropy
+            if compute_grads:
+                # gradients are zero when every row is ignored, as F.cross_entropy
+                scale = 1.0 / n_valid.clamp_min(1).to(torch.float32)
+                grad_h *= scale
+                grad_w *= scale
+    return loss, grad_h, grad_w
+
+
+def _fused_forward_fake(h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype,
+                        compute_grads):
+    f32 = dict(dtype=torch.float32, device=h.device)
+    if not compute_grads:
+        return h.new_empty((), **f32), h.new_empty((0,), **f32), h.new_empty((0,), **f32)
+    return h.new_empty((), **f32), h.new_empty(h.shape, **f32), h.new_empty(weight.shape, **f32)
+
+
+def _fused_backward(grad_loss: Tensor, h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
+                    reduction: str, chunk_rows: int, impl: str, compute_dtype: torch.dtype,
+                    compute_grads: bool, grad_h: Tensor, grad_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(d h, d weight, unused d target) = the stored gradients times the incoming scalar gradient."""
+    if not compute_grads:
+        raise RuntimeError("linear_cross_entropy: backward through a call made without gradients "
+                           "(inputs did not require grad, or grad mode was off)")
+    return (grad_h * grad_loss).to(h.dtype), (grad_w * grad_loss).to(weight.dtype), grad_loss.new_empty(0)
+
+
+_fused = autograd_op("gptcore::linear_cross_entropy", _fused_forward, _fused_backward, n_outputs=1,
+                     forward_fake=_fused_forward_fake)
+
+
+# ---- public entry point ------------------------------------------------------------------------
+def _check(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str, chunk_rows: int,
+           impl: str) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"linear_cross_entropy: weight must be (vocab, C), got shape {tuple(weight.shape)}")
+    if h.dim() < 1 or h.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: h {tuple(h.shape)} must end in C = {weight.shape[1]} "
+                         f"(weight is {tuple(weight.shape)})")
+    if target.shape != h.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: target {tuple(target.shape)} must have h's leading shape "
+                         f"{tuple(h.shape[:-1])}")
+    if h.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        raise TypeError(f"linear_cross_entropy: h and weight must be floating point, got {h.dtype}, {weight.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"linear_cross_entropy: target must hold integer class ids, got {target.dtype}")
+    if not (h.device == weight.device == target.device):
+        raise ValueError(f"linear_cross_entropy: h ({h.device}), weight ({weight.device}) and target "
+                         f"({target.device}) must be on one device")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r} "
+                         f"(per-row losses would need the full logits' worth of bookkeeping; use the twin)")
+    if not isinstance(chunk_rows, int) or chunk_rows <= 0:
+        raise ValueError(f"linear_cross_entropy: chunk_rows must be a positive int, got {chunk_rows!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"linear_cross_entropy: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "triton" and h.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"linear_cross_entropy: impl='triton' needs CUDA tensors (got {h.device}) or "
+                           f"TRITON_INTERPRET=1; use impl='torch' here")
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_rows: int | None = None, impl: str = "torch") -> Tensor:
+    """Cross-entropy of softmax(h @ weight.T) against target, without materialising all the logits.
+
+    h (..., C), weight (V, C), target (...) int -> fp32 scalar. Equals
+    ``linear_cross_entropy_ref`` (up to rounding); reduction 'mean' (over non-ignored rows) or 'sum'.
+    """
+    chunk_rows = DEFAULT_CHUNK_ROWS if chunk_rows is None else chunk_rows
+    _check(h, weight, target, ignore_index, reduction, chunk_rows, impl)
+    C, V = weight.shape[1], weight.shape[0]
+    h2 = h.reshape(-1, C)  # (N, C)
+    y = target.reshape(-1).long()  # (N,)
+    if not y.is_cuda and y.numel() and not torch.compiler.is_compiling():
+        bad = (y != ignore_index) & ((y < 0) | (y >= V))
+        if bool(bad.any()):
+            raise ValueError(f"linear_cross_entropy: target ids must be in [0, {V}) or ignore_index "
+                             f"({ignore_index}); got {int(y[bad][0])}")
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        compute_dtype = torch.get_autocast_dtype(dev)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _fused(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need)

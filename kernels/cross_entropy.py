@@ -1,0 +1,95 @@
+"""Triton cross-entropy row step: loss per row and d loss / d logits, written over the logits.
+
+This is the inner step of gptcore.loss.linear_cross_entropy (the chunked LM head + loss): for one
+chunk of rows it turns logits (n, V) into p - onehot(target) in place, in the logits' own dtype,
+and writes each row's loss -log softmax(x)[target] in fp32. All arithmetic is fp32. One program
+per row, two passes over the row (an online max/sum-of-exp pass, then the gradient pass), so the
+chunk costs two reads and one write of bf16 logits and no fp32 copy of them.
+
+    ce_rows_(logits, target, ignore_index, loss)     # launcher; the public entry point
+
+Its plain PyTorch twin (same contract) is gptcore.loss.ce_rows_torch_, the torch backend's row step.
+
+Rows whose target equals ignore_index get loss 0 and a zero gradient row. A target outside
+[0, V) that is not ignore_index gives loss NaN (no host sync is spent on checking it).
+Tests: python -m pytest -q tests/test_fused_ce.py   (TRITON_INTERPRET=1 on a CPU)
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 4096  # elements of a row per loop step
+
+
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS,  # (n, V) fp32/fp16/bf16, row stride stride_row; overwritten with p - onehot(target)
+    TARGET,  # (n,) int64 class ids
+    LOSS,    # (n,) fp32, written: lse - logit[target] (0 for ignored rows)
+    stride_row, ignore_index,
+    V: tl.constexpr,  # vocab size: fixed per model, and a constexpr keeps the loop bounds static
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    ptr = LOGITS + row * stride_row
+    y = tl.load(TARGET + row)
+    offs = tl.arange(0, BLOCK)
+
+    # Pass 1: running max m and sum s of exp(x - m) over the row.
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    ignored = y == ignore_index
+    in_range = (y >= 0) & (y < V)
+    x_y = tl.load(ptr + y, mask=in_range & ~ignored, other=0.0).to(tl.float32)
+    loss = tl.where(ignored, 0.0, tl.where(in_range, lse - x_y, float("nan")))
+    tl.store(LOSS + row, loss)
+
+    # Pass 2: d loss_row / d x = softmax(x) - onehot(y); zero for an ignored row.
+    keep = tl.where(ignored, 0.0, 1.0)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        mask = cols < V
+        x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
+        tl.store(ptr + cols, (g * keep).to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def _check(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"ce_rows_: logits must be (rows, vocab), got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"ce_rows_: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if logits.stride(-1) != 1:
+        raise ValueError("ce_rows_: logits rows must be contiguous (stride 1 along the vocab); pass .contiguous()")
+    n = logits.shape[0]
+    if target.shape != (n,) or target.dtype != torch.int64:
+        raise ValueError(f"ce_rows_: target must be int64 of shape ({n},), got {target.dtype} {tuple(target.shape)}")
+    if loss.shape != (n,) or loss.dtype != torch.float32 or not loss.is_contiguous():
+        raise ValueError(f"ce_rows_: loss must be a contiguous float32 tensor of shape ({n},)")
+    if not (logits.device == target.device == loss.device):
+        raise ValueError(
+            f"ce_rows_: logits ({logits.device}), target ({target.device}) and loss ({loss.device}) "
+            f"must be on one device"
+        )
+
+
+def ce_rows_(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, loss: torch.Tensor) -> None:
+    """logits (n, V) -> p - onehot(target), in place; loss (n,) fp32 <- per-row cross-entropy."""
+    _check(logits, target, loss)
+    n, V = logits.shape
+    if n == 0:
+        return
+    block = min(_MAX_BLOCK, triton.next_power_of_2(V))
+    _ce_rows_kernel[(n,)](logits, target.contiguous(), loss, logits.stride(0), ignore_index,
+                          V=V, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
