@@ -269,6 +269,13 @@ def _bad(D=16, Tq=8, Tk=8, dtype=None, kdtype=None, kshape=None, vshape=None, dr
     return attention(q, k, v, causal=True, dropout_p=dropout_p, scale=scale)
 
 
+@pytest.mark.gpu
+def test_mixed_devices_raise():
+    q = torch.randn(1, 2, 8, 16, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="must be on one device"):
+        attention(q, q.cpu(), q)
+
+
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     q = torch.randn(1, 1, 4, 16)
