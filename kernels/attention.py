@@ -440,7 +440,9 @@ _SM80 = {
 }
 # fp32 on any GPU: ieee dots run on FMA units (no tensor cores) from 4-byte tiles, so small
 # blocks and 8 warps keep registers in check. A correctness path, not a fast one.
-_FP32 = {"fwd": _C(32, 32, 8, 2), "dkdv": _C(16, 32, 8, 2), "dq": _C(32, 32, 8, 2)}
+_FP32 = {("fwd", "small"): _C(32, 32, 8, 2), ("fwd", "large"): _C(32, 16, 8, 2),
+         ("dkdv", "small"): _C(16, 32, 8, 2), ("dkdv", "large"): _C(16, 32, 8, 2),
+         ("dq", "small"): _C(32, 32, 8, 2), ("dq", "large"): _C(32, 32, 8, 2)}
 # Triton interpreter (CPU): small blocks so the tests' short sequences still span several
 # blocks, with block_m != block_n so ragged diagonals are exercised.
 _INTERPRETER = {"fwd": _C(32, 16, 1, 1), "dkdv": _C(16, 32, 1, 1), "dq": _C(32, 16, 1, 1)}
@@ -469,9 +471,9 @@ def candidates(kernel: str, D: int, dtype: torch.dtype, arch: int | None, tma_ok
     """
     if arch is None:
         return [_INTERPRETER[kernel]]
-    if dtype == torch.float32:
-        return [_FP32[kernel]]
     size = "large" if D > 64 else "small"
+    if dtype == torch.float32:
+        return [_FP32[(kernel, size)]]
     if arch >= 90:
         base = _SM90[(kernel, size)]
         with_tma = [dataclasses.replace(c, tma=True) for c in base] + _SM90_TMA_ONLY[(kernel, size)]
