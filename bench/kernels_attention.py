@@ -123,12 +123,19 @@ def _max_diff_vs_flash(impls, D, T) -> float | None:
 
 
 def _add_ratios(rows):
+    """vs_flash / vs_cudnn: TFLOP/s ratio to SDPA's flash / cuDNN backend at the same point."""
     by_point = {(r["D"], r["T"], r["mode"], r["impl"]): r for r in rows}
     for r in rows:
         for base in ("sdpa_flash", "sdpa_cudnn"):
             b = by_point.get((r["D"], r["T"], r["mode"], base))
             if r.get("TFLOPs") and b and b.get("TFLOPs"):
                 r[f"vs_{base.split('_')[1]}"] = r["TFLOPs"] / b["TFLOPs"]
+        if r["impl"] == "triton":
+            r["meets_target_vs_flash"] = r["vs_flash"] >= TARGET_VS_FLASH[r["mode"]] if "vs_flash" in r else None
+
+
+def _short_errors(rows, width=60):
+    return [{**r, "error": r["error"][:width]} if r.get("error") else r for r in rows]
 
 
 def _memory_rows(impls, quick: bool) -> list[dict]:
@@ -188,19 +195,19 @@ def main(argv=None):
     rows = run(quick=args.quick)
     timing = [r for r in rows if r["kind"] == "time"]
     memory = [r for r in rows if r["kind"] == "memory"]
-    print_table(timing, ["D", "H", "B", "T", "mode", "impl", "ms", "TFLOPs", "vs_flash", "vs_cudnn", "error"],
-                f"attention, bf16 causal, {TOKENS} tokens per batch")
-    triton_rows = [r for r in timing if r["impl"] == "triton"]
-    for r in triton_rows:
-        target = TARGET_VS_FLASH[r["mode"]]
-        r["meets_target_vs_flash"] = (r["vs_flash"] >= target) if r.get("vs_flash") else None
-    print_table(triton_rows, ["D", "T", "mode", "TFLOPs", "vs_flash", "vs_cudnn", "meets_target_vs_flash",
-                              "max_diff_vs_flash", "config"],
-                f"triton vs SDPA (targets vs flash: {TARGET_VS_FLASH})")
-    print_table(memory, ["D", "H", "B", "T", "impl", "peak_GiB", "inputs_GiB", "error"], "peak memory of one fwd+bwd")
+    print_table(_short_errors(timing), ["D", "H", "B", "T", "mode", "impl", "ms", "TFLOPs", "vs_flash", "vs_cudnn",
+                                        "error"], f"attention, bf16 causal, {TOKENS} tokens per batch")
+    print_table([r for r in timing if r["impl"] == "triton"],
+                ["D", "T", "mode", "TFLOPs", "vs_flash", "vs_cudnn", "meets_target_vs_flash", "max_diff_vs_flash",
+                 "config"], f"triton vs SDPA (targets vs flash: {TARGET_VS_FLASH})")
+    print_table(_short_errors(memory), ["D", "H", "B", "T", "impl", "peak_GiB", "inputs_GiB", "error"],
+                "peak memory of one fwd+bwd")
+    from gptcore.kernels.attention import tuning_log
+
     path = write_json("kernels_attention", rows, extra={
         "settings": {"dtype": str(DTYPE), "causal": True, "tokens_per_batch": TOKENS, "heads": HEADS,
                      "flops": "fwd 4*B*H*T^2*D/2; fwd+bwd 3.5x fwd", "targets_vs_flash": TARGET_VS_FLASH},
+        "triton_autotuning": tuning_log(),
     })
     print(f"\nwrote {path}")
     print(f"ceilings: {ceilings()}")

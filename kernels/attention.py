@@ -23,14 +23,14 @@ Conventions:
     below it run an unmasked loop; only the diagonal blocks and the ragged last block get masks.
   * Inputs may be non-contiguous (the model passes permuted views of its qkv projection): every
     kernel takes (batch, head, row) strides; only a last dim with stride != 1 is copied once.
-  * Dropout uses Philox (tl.rand) keyed on (seed, b, h, i, j): the forward and backward kernels
+  * Dropout uses Philox (tl.philox, counter (j, i, b*H + h)): the forward and backward kernels
     regenerate the same mask, independent of block sizes, and a fixed seed reproduces it.
   * dtypes: fp16 and bf16 run tensor-core dots with fp32 accumulation and an fp32 softmax; fp32
     inputs run tl.dot with input_precision="ieee" (true fp32, not TF32) on smaller blocks.
-  * Block sizes, warps and stages come from a table per head_dim and GPU generation; on CUDA the
-    first call for each (kernel, head_dim, dtype, causal, dropout, length bucket) times a few
-    candidate configs and keeps the fastest (set GPTCORE_ATTN_AUTOTUNE=0 to use the table alone).
-    chosen_config() says what was used.
+  * Block sizes, warps, stages and pointer-vs-TMA loads come from a table per head_dim and GPU
+    generation; on CUDA the first large call (>= 2^24 scores) for each (kernel, head_dim, dtype,
+    causal, dropout, power-of-two length bucket) times the candidate configs and keeps the
+    fastest (GPTCORE_ATTN_AUTOTUNE=0: table only). chosen_config() says what was used.
 
 Tests: tests/test_attention.py (CPU: TRITON_INTERPRET=1, small shapes). Benchmark:
 python -m bench.kernels_attention.
@@ -88,19 +88,22 @@ def _store_rows(dst, b, h, row0, n_rows, stride_t, tile,
 
 
 @triton.jit
-def _dropout_keep(seed, p_drop, bh, rows, cols, Tq, Tk):
-    """Keep-mask (True = keep) of the dropout at query rows x key cols of head bh.
+def _dropout_keep(seed, p_drop, bh, rows, cols):
+    """Keep-mask (True = keep) of the dropout at query rows x key cols of head bh = b*H + h.
 
-    rows / cols broadcast against each other ((R, 1) and (1, C), or transposed). The Philox
-    counter is the flat index ((b*H + h) * Tq + i) * Tk + j in int64, so the mask depends only on
-    (seed, b, h, i, j), never on how the kernel tiles the matrix.
+    rows / cols broadcast against each other ((R, 1) and (1, C), or transposed). One Philox draw
+    per element with the 32-bit counter (j, i, b*H + h, 0), so the mask depends only on
+    (seed, b, h, i, j), never on how a kernel tiles the matrix.
     """
-    offs = (bh.to(tl.int64) * Tq + rows) * Tk + cols
-    return tl.rand(seed, offs) >= p_drop
+    i, j = tl.broadcast(rows, cols)
+    c0 = j.to(tl.uint32)
+    zero = c0 * 0
+    r, _, _, _ = tl.philox(seed, c0, i.to(tl.uint32), zero + bh.to(tl.uint32), zero)
+    return tl.uint_to_uniform_float(r) >= p_drop
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tq, Tk, qk_scale,
+def _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tk, qk_scale,
                seed, p_drop, bh,
                D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
@@ -127,7 +130,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tq, Tk
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
         acc = acc * alpha[:, None]
         if DROPOUT:
-            keep = _dropout_keep(seed, p_drop, bh, offs_m[:, None], cols[None, :], Tq, Tk)
+            keep = _dropout_keep(seed, p_drop, bh, offs_m[:, None], cols[None, :])
             p = tl.where(keep, p, 0.0)
         v = _load_rows(V, b, h, n0, Tk, svt, BLOCK_N, D, MASKED, TMA)  # (BN, D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
@@ -166,10 +169,10 @@ def _fwd_kernel(Q, K, V, O, LSE,  # Q, O: (B, H, Tq, D); K, V: (B, H, Tk, D); LS
     else:
         n_full = (Tk // BLOCK_N) * BLOCK_N
         n_hi = Tk
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, 0, n_full, P, Tq, Tk,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, 0, n_full, P, Tk,
                                qk_scale, seed, p_drop, bh,
                                D, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PREC, TMA)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, n_full, n_hi, P, Tq, Tk,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, n_full, n_hi, P, Tk,
                                qk_scale, seed, p_drop, bh,
                                D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     # Every row (padding rows included) saw key 0, so l_i > 0 and m_i is finite.
@@ -199,7 +202,7 @@ def _bwd_delta_kernel(O, DO, DELTA,  # O, DO: (B, H, Tq, D); DELTA: (B, H, Tq) f
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n, lo, hi, P, Tq, Tk,
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n, lo, hi, P, Tq,
                     qk_scale, seed, p_drop, drop_scale, bh,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
@@ -228,7 +231,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n, lo
         do = _load_rows(DO, b, h, m0, Tq, sdot, BLOCK_M, D, MASKED, TMA)  # (BM, D)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BN, BM) = (dO V^T)^T
         if DROPOUT:
-            keep = _dropout_keep(seed, p_drop, bh, rows[None, :], offs_n[:, None], Tq, Tk)
+            keep = _dropout_keep(seed, p_drop, bh, rows[None, :], offs_n[:, None])
             # dV uses the dropped probabilities; drop_scale is applied once at the end.
             dv = tl.dot(tl.where(keep, pT, 0.0).to(do.dtype), do, dv, input_precision=DOT_PREC)
             dpT = tl.where(keep, dpT * drop_scale, 0.0)
@@ -281,13 +284,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # DK, DV: (B, H, Tk, D) c
         m_full = 0
     # Diagonal blocks, then full blocks, then the ragged last block (each range may be empty).
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n,
-                             m_lo, tl.minimum(m_full, m_end), P, Tq, Tk, qk_scale, seed, p_drop,
+                             m_lo, tl.minimum(m_full, m_end), P, Tq, qk_scale, seed, p_drop,
                              drop_scale, bh, D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n,
-                             m_full, m_even, P, Tq, Tk, qk_scale, seed, p_drop,
+                             m_full, m_even, P, Tq, qk_scale, seed, p_drop,
                              drop_scale, bh, D, BLOCK_M, False, CAUSAL, DROPOUT, DOT_PREC, TMA)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n,
-                             tl.maximum(m_full, m_even), m_end, P, Tq, Tk, qk_scale, seed, p_drop,
+                             tl.maximum(m_full, m_even), m_end, P, Tq, qk_scale, seed, p_drop,
                              drop_scale, bh, D, BLOCK_M, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     if DROPOUT:
         dv = dv * drop_scale
@@ -297,7 +300,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # DK, DV: (B, H, Tk, D) c
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tq, Tk,
+def _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tk,
                   qk_scale, seed, p_drop, drop_scale, bh,
                   D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                   DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
@@ -317,7 +320,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, lo, hi, P
             p = tl.where(ok, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BM, BN) = dO V^T
         if DROPOUT:
-            keep = _dropout_keep(seed, p_drop, bh, offs_m[:, None], cols[None, :], Tq, Tk)
+            keep = _dropout_keep(seed, p_drop, bh, offs_m[:, None], cols[None, :])
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -359,23 +362,23 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,  # DQ: (B, H, Tq, D) contiguous
     else:
         n_full = (Tk // BLOCK_N) * BLOCK_N
         n_hi = Tk
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, 0, n_full, P, Tq, Tk,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, 0, n_full, P, Tk,
                        qk_scale, seed, p_drop, drop_scale, bh,
                        D, BLOCK_N, False, CAUSAL, DROPOUT, DOT_PREC, TMA)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, n_full, n_hi, P, Tq, Tk,
+    dq = _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, n_full, n_hi, P, Tk,
                        qk_scale, seed, p_drop, drop_scale, bh,
                        D, BLOCK_N, True, CAUSAL, DROPOUT, DOT_PREC, TMA)
     dq = dq * scale
     _store_rows(DQ, b, h, m0, Tq, sgt, dq.to(q.dtype), BLOCK_M, D, TMA)
 
 
-@triton.jit(do_not_specialize=["H", "Tq", "Tk", "seed"])
-def _dropout_mask_kernel(MASK, H, Tq, Tk, seed, p_drop,  # MASK: (B, H, Tq, Tk) uint8
+@triton.jit(do_not_specialize=["Tq", "Tk", "seed"])
+def _dropout_mask_kernel(MASK, Tq, Tk, seed, p_drop,  # MASK: (B, H, Tq, Tk) uint8
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(2)
-    keep = _dropout_keep(seed, p_drop, bh, rows[:, None], cols[None, :], Tq, Tk)
+    keep = _dropout_keep(seed, p_drop, bh, rows[:, None], cols[None, :])
     ok = (rows[:, None] < Tq) & (cols[None, :] < Tk)
     ptrs = MASK + (bh.to(tl.int64) * Tq + rows[:, None]) * Tk + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=ok)
@@ -401,9 +404,9 @@ KERNELS = ("fwd", "dkdv", "dq")
 # Candidates, best guess first (the first one is the table entry used without autotuning).
 # fwd and dq hold a query block (BLOCK_M) and stream key blocks; dkdv holds a key block
 # (BLOCK_N) and streams query blocks. BLOCK_M = 128 with 4 or 8 warps lets Triton emit Hopper
-# wgmma; shared memory per stage is (BLOCK_N or BLOCK_M) x D x 2 tensors x 2 bytes. None of
-# these spills registers on sm_90 (checked with ptxas). On Hopper every config is also tried
-# with TMA loads (tma=True) when the tensors allow it.
+# wgmma; shared memory per stage is (BLOCK_N or BLOCK_M) x D x 2 tensors x 2 bytes. Without
+# dropout none of these spills registers on sm_90 in bf16 (checked with ptxas). On Hopper every
+# config is also tried with TMA loads (tma=True) when the tensors allow it.
 _C = KernelConfig
 _SM90 = {
     ("fwd", "small"): [_C(128, 64, 4, 3), _C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(64, 64, 4, 4),
@@ -437,13 +440,19 @@ _SM80 = {
 }
 # fp32 on any GPU: ieee dots run on FMA units (no tensor cores) from 4-byte tiles, so small
 # blocks and 8 warps keep registers in check. A correctness path, not a fast one.
-_FP32 = {"fwd": _C(32, 32, 8, 2), "dkdv": _C(16, 32, 8, 2), "dq": _C(32, 32, 8, 2)}
+_FP32 = {("fwd", "small"): _C(32, 32, 8, 2), ("fwd", "large"): _C(32, 16, 8, 2),
+         ("dkdv", "small"): _C(16, 32, 8, 2), ("dkdv", "large"): _C(16, 32, 8, 2),
+         ("dq", "small"): _C(32, 32, 8, 2), ("dq", "large"): _C(32, 32, 8, 2)}
 # Triton interpreter (CPU): small blocks so the tests' short sequences still span several
 # blocks, with block_m != block_n so ragged diagonals are exercised.
 _INTERPRETER = {"fwd": _C(32, 16, 1, 1), "dkdv": _C(16, 32, 1, 1), "dq": _C(32, 16, 1, 1)}
 
 _AUTOTUNE = os.environ.get("GPTCORE_ATTN_AUTOTUNE", "1") != "0"
+# Smaller problems (B*H*Tq*Tk scores; decode steps, short prompts) take the table entry: tuning
+# them would cost more compile time than it could save.
+_TUNE_MIN_SCORES = 1 << 24
 _TUNED: dict[tuple, KernelConfig] = {}  # autotune results, keyed by _tune_key()
+_TUNING_LOG: list[dict] = []  # every tuning run's candidate timings (see tuning_log())
 _FORCED: dict[str, KernelConfig] | None = None  # set by use_config()
 
 
@@ -462,9 +471,9 @@ def candidates(kernel: str, D: int, dtype: torch.dtype, arch: int | None, tma_ok
     """
     if arch is None:
         return [_INTERPRETER[kernel]]
-    if dtype == torch.float32:
-        return [_FP32[kernel]]
     size = "large" if D > 64 else "small"
+    if dtype == torch.float32:
+        return [_FP32[(kernel, size)]]
     if arch >= 90:
         base = _SM90[(kernel, size)]
         with_tma = [dataclasses.replace(c, tma=True) for c in base] + _SM90_TMA_ONLY[(kernel, size)]
@@ -494,15 +503,15 @@ def _tune_key(kernel, D, dtype, causal, dropout, Tq, Tk, arch, tma_ok):
     return (kernel, D, dtype, causal, dropout, _bucket(Tq), _bucket(Tk), arch, tma_ok)
 
 
-def _pick(kernel: str, key: tuple, launch) -> KernelConfig:
-    """The config for one launch: forced > tuned > (tune now) > table default."""
+def _pick(kernel: str, key: tuple, launch, n_scores: int) -> KernelConfig:
+    """The config for one launch: forced > tuned > (tune now, if big enough) > table default."""
     if _FORCED is not None:
         return _FORCED[kernel]
     if key in _TUNED:
         return _TUNED[key]
     _, D, dtype, *_rest, arch, tma_ok = key
     cands = candidates(kernel, D, dtype, arch, tma_ok)
-    if not (_AUTOTUNE and arch is not None and len(cands) > 1):
+    if not (_AUTOTUNE and arch is not None and len(cands) > 1 and n_scores >= _TUNE_MIN_SCORES):
         return cands[0]
     from triton.testing import do_bench
 
@@ -512,11 +521,19 @@ def _pick(kernel: str, key: tuple, launch) -> KernelConfig:
             timings[cfg] = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
         except Exception as e:  # a candidate that does not fit this GPU (shared memory, registers)
             errors.append(f"{cfg}: {type(e).__name__}: {e}")
-    if not timings:
-        raise RuntimeError(f"attention {kernel}: no candidate config runs on this GPU:\n" + "\n".join(errors))
-    best = min(timings, key=timings.get)
+    # Nothing ran (e.g. no memory left for timing): the table entry, whose launch raises if it is broken.
+    best = min(timings, key=timings.get) if timings else cands[0]
     _TUNED[key] = best
+    _TUNING_LOG.append({
+        "kernel": kernel, "head_dim": D, "dtype": str(dtype), "causal": key[3], "dropout": key[4],
+        "Tq_bucket": key[5], "Tk_bucket": key[6], "arch": arch, "best": str(best),
+        "ms": {str(c): round(t, 5) for c, t in sorted(timings.items(), key=lambda ct: ct[1])}, "errors": errors})
     return best
+
+
+def tuning_log() -> list[dict]:
+    """One entry per autotuning run so far: every candidate's median ms, failures and the pick."""
+    return list(_TUNING_LOG)
 
 
 @contextlib.contextmanager
@@ -593,7 +610,7 @@ def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     key = _tune_key("fwd", D, q.dtype, causal, p_drop > 0, Tq, Tk, _arch(q.device), tma_ok)
-    launch(_pick("fwd", key, launch))
+    launch(_pick("fwd", key, launch, B * H * Tq * Tk))
     return o, lse
 
 
@@ -635,8 +652,10 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
             D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
             TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    launch_dkdv(_pick("dkdv", _tune_key("dkdv", D, q.dtype, causal, dropout, Tq, Tk, arch, tma_ok), launch_dkdv))
-    launch_dq(_pick("dq", _tune_key("dq", D, q.dtype, causal, dropout, Tq, Tk, arch, tma_ok), launch_dq))
+    n_scores = B * H * Tq * Tk
+    launch_dkdv(_pick("dkdv", _tune_key("dkdv", D, q.dtype, causal, dropout, Tq, Tk, arch, tma_ok), launch_dkdv,
+                      n_scores))
+    launch_dq(_pick("dq", _tune_key("dq", D, q.dtype, causal, dropout, Tq, Tk, arch, tma_ok), launch_dq, n_scores))
     return dq, dk, dv
 
 
@@ -742,10 +761,9 @@ def dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, p: float, device=N
     device defaults to CUDA when available, else the CPU (interpreter).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    probe = torch.empty(0, device=device)
-    _check_device(probe)
-    mask = torch.empty((B, H, Tq, Tk), dtype=torch.uint8, device=device)
+    mask = _alloc((B, H, Tq, Tk), torch.uint8, device)
+    _check_device(mask)
     bm, bn = (32, 128) if device.type == "cuda" else (16, 32)
     _dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * H)](
-        mask, H, Tq, Tk, int(seed), float(p), BLOCK_M=bm, BLOCK_N=bn)
+        mask, Tq, Tk, int(seed), float(p), BLOCK_M=bm, BLOCK_N=bn)
     return mask.view(torch.bool)
