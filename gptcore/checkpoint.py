@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from gptcore.config import GPTConfig
 from gptcore.model import GPT
+from gptcore.ops import default_backend
 
 FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, META_FILE, LATEST_FILE = "model.safetensors", "state.pt", "meta.json", "latest"
@@ -375,14 +376,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", load_state: boo
     return Checkpoint(ckpt, meta, weights, state)
 
 
+def backend_for(device) -> str:
+    """The default backend for models on ``device``: the fastest that runs there."""
+    return default_backend() if torch.device(device).type == "cuda" else "torch"
+
+
 def load_model(path: str | os.PathLike, device="cpu", backend: Optional[str] = None,
                verify: bool = True) -> GPT:
-    """The GPT stored at ``path`` (a checkpoint dir or a run dir), in eval mode, on ``device``."""
+    """The GPT stored at ``path`` (a checkpoint dir or a run dir), in eval mode, on ``device``
+    (backend: default the fastest that runs on ``device``)."""
     ck = load_checkpoint(path, map_location="cpu", load_state=False, verify=verify)
     try:
         cfg = ck.model_config
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{ck.path / META_FILE}: invalid model_config ({e})") from None
-    model = GPT(cfg, backend=backend)
+    model = GPT(cfg, backend=backend or backend_for(device))
     load_weights(model, ck.weights, source=str(ck.path))
     return model.to(device).eval()

@@ -119,7 +119,12 @@ def main(argv=None) -> int:
     try:
         if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
             raise ValueError("--batch-size must be >= 1 and --max-tokens >= 2")
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,

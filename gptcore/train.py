@@ -46,9 +46,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptcore.checkpoint import (CheckpointError, capture_rng, find_latest, load_checkpoint, load_weights,
-                                prune_checkpoints, remove_stale_temps, resolve_checkpoint, restore_rng,
-                                save_checkpoint, update_latest)
+from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, find_latest, load_checkpoint,
+                                load_weights, prune_checkpoints, remove_stale_temps, resolve_checkpoint,
+                                restore_rng, save_checkpoint, update_latest)
 from gptcore.config import PRESETS, GPTConfig
 from gptcore.data import DataError, prepare
 from gptcore.model import GPT
@@ -96,7 +96,7 @@ class TrainConfig:
                             choices=["strict", "replace"])
     val_fraction: float = _opt(0.1, "share of the tokens held out for evaluation", "data")
     # batch and length
-    batch_size: int = _opt(16, "sequences per micro-batch per process", "batch")
+    batch_size: int = _opt(8, "sequences per micro-batch per process", "batch")
     grad_accum: int = _opt(1, "micro-batches per optimizer step", "batch")
     max_steps: Optional[int] = _opt(None, "optimizer steps", "batch",
                                     shown=f"{DEFAULT_MAX_STEPS} when neither --max-tokens nor --epochs is given")
@@ -552,6 +552,7 @@ class Trainer:
         self.bar = None
         self._resume_notes: list[str] = []
         self.precision = self._precision()
+        self.backend = cfg.backend or backend_for(self.device)
         torch.manual_seed(cfg.seed)
         ck = self._find_resume()
         self.data = self._prepare_data()
@@ -592,7 +593,8 @@ class Trainer:
         if want == "auto":
             return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
         if want == "fp16" and not cuda:
-            raise ConfigError("--dtype fp16 needs a CUDA GPU (its loss scaling is CUDA-only); on a CPU use fp32 or bf16")
+            raise ConfigError("--dtype fp16 needs a CUDA GPU (its loss scaling is CUDA-only); "
+                              "on a CPU use fp32 or bf16")
         if want == "bf16" and cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("this GPU has no bf16: use --dtype fp16 (with loss scaling) or fp32")
         return want
@@ -644,19 +646,19 @@ class Trainer:
         cfg = self.cfg
         if ck is not None:
             self._check_resume(ck)
-            model = GPT(ck.model_config, backend=cfg.backend)
+            model = GPT(ck.model_config, backend=self.backend)
             load_weights(model, ck.weights, source=str(ck.path))
             self.init_note = f"resumed from {ck.path} (step {ck.meta['step']})"
             return model
         if cfg.init_from == "scratch":
             self.init_note = f"preset {cfg.preset}, random init (seed {cfg.seed})"
-            return GPT(GPTConfig.from_preset(cfg.preset, **cfg.model), backend=cfg.backend)
+            return GPT(GPTConfig.from_preset(cfg.preset, **cfg.model), backend=self.backend)
         if _is_gptcore_checkpoint(cfg.init_from):
             src = load_checkpoint(cfg.init_from, load_state=False)
             if src.meta.get("tokenizer", TOKENIZER) != TOKENIZER:
                 raise CheckpointError(f"{src.path} was trained with tokenizer {src.meta['tokenizer']!r}, "
                                       f"this data uses {TOKENIZER!r}")
-            model = GPT(src.model_config, backend=cfg.backend)
+            model = GPT(src.model_config, backend=self.backend)
             load_weights(model, src.weights, source=str(src.path))
             self.init_note = f"weights of {src.path}"
         else:
@@ -685,13 +687,14 @@ class Trainer:
         model = load_pretrained(name)
         if not isinstance(model, GPT):
             raise TypeError(f"gptcore.hf.load_pretrained({name!r}) returned {type(model).__name__}, not a GPT")
-        return model.set_backend(self.cfg.backend or model.backend)
+        return model.set_backend(self.backend)
 
     def _check_resume(self, ck) -> None:
         """Refuse a checkpoint whose model differs; say which settings changed."""
         old, new = ck.meta.get("train_config", {}), self.cfg.to_dict()
         if ck.meta.get("tokenizer") != TOKENIZER:
-            raise CheckpointError(f"{ck.path} was trained with tokenizer {ck.meta.get('tokenizer')!r}, not {TOKENIZER!r}")
+            raise CheckpointError(f"{ck.path} was trained with tokenizer {ck.meta.get('tokenizer')!r}, "
+                                  f"not {TOKENIZER!r}")
         diffs = []
         for key in ("preset", "init_from"):
             if old.get(key) != new[key]:
@@ -1037,9 +1040,9 @@ class Trainer:
                   flush=True)
         else:
             name = signal.Signals(stopped_by).name
+            hint = self.resume_hint or f"python -m gptcore.train --out-dir {shlex.quote(cfg.out_dir)} --resume auto"
             print(f"gptcore.train: stopped by {name} at step {self.step}; checkpoint saved to {self.last_ckpt}.\n"
-                  f"resume with:\n  {self.resume_hint or f'python -m gptcore.train --out-dir {cfg.out_dir} --resume auto'}",
-                  flush=True)
+                  f"resume with:\n  {hint}", flush=True)
 
 
 def train(cfg: TrainConfig, resume_hint: Optional[str] = None) -> TrainResult:

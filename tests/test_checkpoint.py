@@ -155,3 +155,10 @@ def test_latest_prune_and_fallback(tmp_path):
     assert C.find_latest(tmp_path) == tmp_path / "ckpt-0000004"
     (tmp_path / ".ckpt-0000005.tmp-abc").mkdir()
     assert [p.name for p in C.remove_stale_temps(tmp_path)] == [".ckpt-0000005.tmp-abc"]
+
+
+def test_cpu_models_get_a_cpu_backend_even_where_a_gpu_exists(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "default_backend", lambda: "triton")  # as on a GPU machine
+    assert C.backend_for("cpu") == "torch" and C.backend_for("cuda:0") == "triton"
+    path = _save(tmp_path / "x", _model())
+    assert C.load_model(path, device="cpu").backend == "torch"

@@ -84,7 +84,7 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert sorted(lb) == [5, 6, 7, 8]  # b's metrics start where its checkpoint left off
     assert [la[s] for s in range(5, 9)] == [lb[s] for s in range(5, 9)]
     assert metrics(a, "eval", "val_loss")[8] == metrics(b, "eval", "val_loss")[8]
-    wa, wb = load_file(str(a / "ckpt-0000008" / "model.safetensors")), load_file(str(b / "ckpt-0000008" / "model.safetensors"))
+    wa, wb = (load_file(str(d / "ckpt-0000008" / "model.safetensors")) for d in (a, b))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -320,17 +320,26 @@ def test_init_from_a_checkpoint_with_shorter_context_and_new_dropout(tmp_path, c
     assert "needs gptcore.hf" in capsys.readouterr().err
 
 
+def torchrun_cpu(args: list[str]) -> subprocess.CompletedProcess:
+    """torchrun with 2 CPU processes (gloo). Started again once if the rendezvous port was taken
+    (another job on this machine can grab the free port torchrun picked before it binds it)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "gptcore.train", *args]
+    for attempt in range(2):
+        r = subprocess.run(cmd, env=child_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        if r.returncode == 0 or not any(s in r.stderr for s in ("Address already in use", "DistNetworkError")):
+            return r
+    return r
+
+
 # ---- data parallel --------------------------------------------------------------------------------------
 def test_two_gloo_processes_match_one_process_with_grad_accum_and_resume(tmp_path):
     common = MICRO + ["--max-steps", "6", "--ckpt-interval", "3", "--eval-interval", "3"]
     one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
     assert T.main(common + ["--grad-accum", "2", "--out-dir", str(one)]) == 0
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "gptcore.train", *common]
-    env = child_env(OMP_NUM_THREADS="1")
-    r = subprocess.run(torchrun + ["--out-dir", str(two)], env=env, capture_output=True, text=True, timeout=300)
+    r = torchrun_cpu(common + ["--out-dir", str(two)])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world 2" in r.stdout and r.stdout.count("gptcore.train: config") == 1  # rank 0 alone logs
+    assert "world 2" in r.stdout and r.stdout.count("gptcore.train: config") == 1, r.stdout[-3000:]  # rank 0 logs
     l1, l2 = metrics(one), metrics(two)
     assert sorted(l2) == list(range(1, 7))  # one row per step: rank 0 alone writes
     for s in l1:
@@ -338,8 +347,7 @@ def test_two_gloo_processes_match_one_process_with_grad_accum_and_resume(tmp_pat
     v1, v2 = metrics(one, "eval", "val_loss"), metrics(two, "eval", "val_loss")
     assert all(math.isclose(v1[s], v2[s], rel_tol=1e-5) for s in v1)
     # resume with the same world size reproduces the 2-process run exactly
-    r = subprocess.run(torchrun + ["--out-dir", str(three), "--resume", str(two / "ckpt-0000003")], env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = torchrun_cpu(common + ["--out-dir", str(three), "--resume", str(two / "ckpt-0000003")])
     assert r.returncode == 0, r.stderr[-3000:]
     l3 = metrics(three)
     assert [l3[s] for s in (4, 5, 6)] == [l2[s] for s in (4, 5, 6)]
@@ -374,6 +382,17 @@ def test_resume_command_and_peak_table():
     assert T.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and T.peak_flops("NVIDIA H100 PCIe") == 756e12
     assert T.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and T.peak_flops("NVIDIA L4") == 121e12
     assert T.peak_flops("NVIDIA L40S") == 362e12 and T.peak_flops("Some GPU") is None
+
+
+def test_loss_curve_png_and_the_note_without_matplotlib(tmp_path, monkeypatch):
+    rows = [{"kind": "train", "step": s, "loss": 10.0 - s} for s in range(1, 5)]
+    rows += [{"kind": "train", "step": 5, "loss": None}, {"kind": "eval", "step": 4, "val_loss": 6.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert T.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "loss.png") == f"loss curve: {tmp_path / 'loss.png'}"
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib.backends.backend_agg", None)
+    assert "matplotlib is not installed" in T.plot_losses(tmp_path / "metrics.jsonl", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_grad_checkpointing_matches_plain_backward():
