@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
 from gptcore.loss import linear_cross_entropy
@@ -127,6 +128,9 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight
         self.reset_parameters()
         self.set_backend(backend or default_backend())
+        # Activation checkpointing: in training, recompute each block in backward instead of
+        # keeping its activations (less memory, ~1/3 more compute). Set by the trainer.
+        self.grad_checkpointing = False
 
     # ---- setup -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -204,8 +208,12 @@ class GPT(nn.Module):
             rope = (self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T])
         resid = self.transformer.drop(x)
         branch = None
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
-            branch, resid = block(branch, resid, self.ops, rope, kv_cache, i)
+            if recompute:
+                branch, resid = checkpoint(block, branch, resid, self.ops, rope, kv_cache, i, use_reentrant=False)
+            else:
+                branch, resid = block(branch, resid, self.ops, rope, kv_cache, i)
         ln = self.transformer.ln_f
         y, _ = _add_ln(branch, resid, ln, self.ops)
         return y

@@ -1,57 +1,1110 @@
-"""Minimal training loop on the embedded corpus (placeholder until the full trainer lands).
+"""The trainer: resumable, robust to bad steps and signals, observable, data-parallel.
 
-    python -m gptcore.train [--preset tiny] [--max-steps 200]
+    python -m gptcore.train                                  # tiny model on the embedded corpus (~1-2 min, CPU)
+    python -m gptcore.train --config run.yaml --lr 1e-3      # a YAML/JSON file, flags on top
+    python -m gptcore.train --out-dir out --resume auto      # continue the run saved in out/
+    torchrun --nproc_per_node=8 -m gptcore.train --preset gpt2 --data tinystories --dtype bf16
+
+Batches. One optimizer step sees  batch_size x grad_accum x world_size  sequences of
+context_length tokens (the global batch). Micro-batch ``micro`` of rank ``r`` is drawn with a
+generator seeded by (seed, step, m), m = r * grad_accum + micro, and dropout is seeded the same
+way, so the data is a function of the step alone: resuming needs no loader state, and
+(world W, grad_accum A) trains on the same global batch as (world 1, grad_accum W*A).
+Each micro-batch loss is divided by grad_accum; DDP averages gradients over ranks (no
+division by world size anywhere else), and gradients are all-reduced on the last micro-step only.
+
+Out dir: ckpt-NNNNNNN/ (the last --keep-last), best/ (lowest val loss), latest (names the newest
+ckpt), metrics.jsonl (one row per step and per evaluation), loss.png (with matplotlib).
+
+Exit status: 0 done; 1 failed (bad data, bad checkpoint, non-finite loss --max-bad-steps times
+in a row, out of memory); 2 bad config; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after
+saving a checkpoint at the end of the current step (the message prints the resume command).
+A second Ctrl-C stops at once (no checkpoint).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import sys
+import threading
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Union, get_args, get_origin, get_type_hints
 
 import torch
-from tqdm.auto import tqdm
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
+from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, find_latest, load_checkpoint,
+                                load_weights, prune_checkpoints, remove_stale_temps, resolve_checkpoint,
+                                restore_rng, save_checkpoint, update_latest)
 from gptcore.config import PRESETS, GPTConfig
-from gptcore.data import prepare
+from gptcore.data import DataError, prepare
 from gptcore.model import GPT
+from gptcore.ops import BACKENDS
+from gptcore.tokenizer import ENDOFTEXT, get_encoding
+
+TOKENIZER = "gpt2"
+DEFAULT_MAX_STEPS = 200
+EVAL_SEED = 20240601  # the held-out windows do not depend on --seed, so runs compare
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def main(argv=None) -> None:
+class ConfigError(ValueError):
+    """A bad setting: unknown key, wrong type or invalid value. Exit status 2."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite steps, out of memory). Exit status 1."""
+
+
+# ---- configuration --------------------------------------------------------------------------------
+def _opt(default, help: str, group: str, choices=None, shown: Optional[str] = None):
+    meta = {"help": help, "group": group, "choices": choices, "shown": shown}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = _opt("tiny", "model preset", "model", choices=sorted(PRESETS))
+    init_from: str = _opt("scratch", "'scratch', a gptcore checkpoint (dir or run dir), or a GPT-2 "
+                          "name / Hugging Face folder (gpt2, gpt2-medium, ...)", "model")
+    backend: Optional[str] = _opt(None, "kernel backend", "model", choices=list(BACKENDS),
+                                  shown="triton on a GPU, else torch")
+    grad_checkpointing: bool = _opt(False, "recompute each block in backward (less memory, ~1/3 more compute)",
+                                    "model")
+    compile: bool = _opt(False, "torch.compile the model", "model")
+    model: dict = _opt({}, "model fields overriding the preset", "model")
+    # data
+    data: str = _opt("default", "text file, folder, glob, 'default' (embedded corpus), 'shakespeare' "
+                     "or 'tinystories'", "data")
+    data_errors: str = _opt("strict", "non-UTF-8 input: 'strict' (error) or 'replace' (U+FFFD)", "data",
+                            choices=["strict", "replace"])
+    val_fraction: float = _opt(0.1, "share of the tokens held out for evaluation", "data")
+    # batch and length
+    batch_size: int = _opt(8, "sequences per micro-batch per process", "batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", "batch")
+    max_steps: Optional[int] = _opt(None, "optimizer steps", "batch",
+                                    shown=f"{DEFAULT_MAX_STEPS} when neither --max-tokens nor --epochs is given")
+    max_tokens: Optional[int] = _opt(None, "train until this many tokens (rounded up to whole steps)", "batch")
+    epochs: Optional[float] = _opt(None, "train for this many passes over the train split's tokens", "batch")
+    # optimizer
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)", "optimizer")
+    min_lr: Optional[float] = _opt(None, "learning rate at the end of the cosine decay", "optimizer", shown="lr / 10")
+    warmup_steps: int = _opt(20, "linear warmup steps", "optimizer")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices and embeddings only)", "optimizer")
+    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas", "optimizer")
+    grad_clip: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)", "optimizer")
+    max_bad_steps: int = _opt(5, "stop after this many non-finite steps in a row", "optimizer")
+    dtype: str = _opt("auto", "compute precision (weights stay fp32): bf16 autocast, fp16 autocast with "
+                      "loss scaling, or fp32", "optimizer", choices=["auto", "bf16", "fp16", "fp32"],
+                      shown="auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
+    # evaluation, checkpoints, logging
+    eval_interval: int = _opt(50, "evaluate on the val split every N steps (0: only at the end)", "eval")
+    eval_steps: int = _opt(10, "val batches per evaluation (fixed windows)", "eval")
+    ckpt_interval: int = _opt(100, "save a checkpoint every N steps (0: only at the end)", "eval")
+    keep_last: int = _opt(2, "keep the newest K ckpt-* directories (best/ is kept besides)", "eval")
+    out_dir: str = _opt("out", "directory for checkpoints, metrics.jsonl and loss.png", "eval")
+    resume: Optional[str] = _opt(None, "continue a run: 'auto' (out_dir's latest checkpoint, or a new run "
+                                 "if there is none) or a checkpoint path; --resume alone means auto", "eval",
+                                 shown="start a new run")
+    log_interval: int = _opt(10, "print a line every N steps when the progress bar is off", "eval")
+    sample_every: int = _opt(0, "print a sample every N steps (0: only at the end)", "eval")
+    sample_prompt: str = _opt("The", "prompt of the samples", "eval")
+    sample_tokens: int = _opt(40, "tokens per sample (0: no samples)", "eval")
+    sample_temperature: float = _opt(0.8, "sampling temperature (0: greedy)", "eval")
+    # runtime
+    seed: int = _opt(1337, "random seed (init, data order, dropout)", "runtime")
+    device: str = _opt("auto", "cpu, cuda, cuda:N", "runtime",
+                       shown="auto: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
+    progress: bool = _opt(True, "show a progress bar (--no-progress: plain log lines)", "runtime")
+
+    def validate(self) -> None:
+        positive = ["batch_size", "grad_accum", "eval_steps", "keep_last", "log_interval", "max_bad_steps"]
+        for k in positive:
+            if getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
+        for k in ["warmup_steps", "eval_interval", "ckpt_interval", "sample_every", "sample_tokens",
+                  "weight_decay", "grad_clip", "sample_temperature"]:
+            if getattr(self, k) < 0:
+                raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        lengths = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(self, k) is not None]
+        if len(lengths) > 1:
+            raise ConfigError(f"give only one of max_steps, max_tokens, epochs (got {', '.join(lengths)})")
+        for k in lengths:
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas must be in [0, 1), got {list(self.betas)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            v = getattr(self, f.name)
+            if choices and v is not None and v not in choices:
+                raise ConfigError(f"{f.name} must be one of {choices}, got {v!r}")
+        try:
+            GPTConfig.from_preset(self.preset, **self.model)  # with --init-from: checks the values alone
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model: {e}") from None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+_MODEL_HELP = {
+    "vocab_size": "vocabulary size (>= 50257 for the GPT-2 tokenizer; 50304 pads for speed)",
+    "context_length": "tokens per training sequence = the model's positions (shorter than a loaded "
+                      "model's: its position table is cropped)",
+    "emb_dim": "residual width", "n_heads": "attention heads", "n_layers": "transformer blocks",
+    "drop_rate": "dropout probability", "qkv_bias": "bias on the q/k/v projection",
+    "pos_emb": "'learned' or 'rope'", "rope_theta": "rotary base", "ff_mult": "MLP width / emb_dim",
+    "ln_eps": "LayerNorm epsilon", "tie_weights": "LM head shares the token embedding",
+}
+_GROUPS = {
+    "model": "model", "shape": "model shape (each defaults to the preset's value)", "data": "data",
+    "batch": "batch and run length", "optimizer": "optimization and precision",
+    "eval": "evaluation, checkpoints, logging", "runtime": "runtime",
+}
+TRAIN_KEYS = [f.name for f in fields(TrainConfig) if f.name != "model"]
+MODEL_KEYS = [f.name for f in fields(GPTConfig)]
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is Union:
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if get_origin(tp) is tuple:
+        return "a list of " + ", ".join(_type_name(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(key: str, value: Any, tp) -> Any:
+    """``value`` converted to ``tp`` (int -> float allowed), or ConfigError naming the key."""
+    declared = tp
+    if get_origin(tp) is Union:
+        if value is None:
+            return None
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    ok = False
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif get_origin(tp) is tuple:
+        args = get_args(tp)
+        ok = isinstance(value, (list, tuple)) and len(value) == len(args)
+        if ok:
+            value = tuple(_check_type(key, v, a) for v, a in zip(value, args))
+    elif tp is dict:
+        ok = isinstance(value, dict)
+    if not ok:
+        raise ConfigError(f"{key} must be {_type_name(declared)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    valid = TRAIN_KEYS + MODEL_KEYS
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """The settings of a YAML or JSON file, flat (a ``model:`` section merges in), keys with _."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} not found")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        elif p.suffix.lower() == ".json":
+            raw = json.loads(text)
+        else:
+            raise ConfigError(f"config file {p}: use a .yaml, .yml or .json file")
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise ConfigError(f"config file {p} does not parse: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of settings, got {type(raw).__name__}")
+    flat = {}
+    for k, v in raw.items():
+        k = str(k).replace("-", "_")
+        if k == "model" and isinstance(v, dict):
+            flat.update({str(mk).replace("-", "_"): mv for mk, mv in v.items()})
+        else:
+            flat[k] = v
+    return flat
+
+
+def make_config(*sources: tuple[str, dict]) -> TrainConfig:
+    """TrainConfig from (where, settings) pairs, later ones winning; every value type-checked."""
+    train_types, model_types = get_type_hints(TrainConfig), get_type_hints(GPTConfig)
+    kw: dict = {}
+    model: dict = {}
+    for where, values in sources:
+        for k, v in values.items():
+            if k in model_types:
+                model[k] = _check_type(k, v, model_types[k])
+            elif k in TRAIN_KEYS:
+                kw[k] = _check_type(k, v, train_types[k])
+            else:
+                raise _unknown(k, where)
+    cfg = TrainConfig(**kw, model=model)
+    cfg.validate()
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gptcore.train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size (default: tiny)")
-    ap.add_argument("--data", default="default", help="text file, folder, glob, or 'default' (embedded corpus)")
-    ap.add_argument("--max-steps", type=int, default=200, help="optimizer steps (default: 200)")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
-    ap.add_argument("--context-length", type=int, default=64, help="tokens per sequence (default: 64)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
-    ap.add_argument("--backend", default=None, choices=["reference", "torch", "triton"],
-                    help="kernel backend (default: triton on a GPU, else torch)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    args = ap.parse_args(argv)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    ap.add_argument("--config", metavar="FILE",
+                    help="YAML or JSON file of settings (the keys below, with _ or -, and an optional "
+                         "'model:' section); flags given on the command line override it (default: none)")
+    groups = {k: ap.add_argument_group(v) for k, v in _GROUPS.items()}
+    hints = get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f.metadata["shown"] or (list(default) if isinstance(default, tuple) else default)
+        _add_flag(groups[f.metadata["group"]], f.name, hints[f.name], f"{f.metadata['help']} (default: {shown})",
+                  f.metadata["choices"])
+    mhints = get_type_hints(GPTConfig)
+    for f in fields(GPTConfig):
+        _add_flag(groups["shape"], f.name, mhints[f.name], f"{_MODEL_HELP[f.name]} (default: the preset's)", None)
+    return ap
 
-    torch.manual_seed(args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = prepare(args.data)
-    cfg = GPTConfig.from_preset(args.preset, context_length=max(args.context_length, 1))
-    data.check_vocab(cfg.vocab_size)
-    model = GPT(cfg, backend=args.backend).to(device)
-    print(f"gptcore.train: {args.preset} ({model.num_params() / 1e6:.1f}M params), backend {model.backend}, "
-          f"{device}, {data.manifest['train_tokens']} train tokens")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    g = torch.Generator().manual_seed(args.seed)
-    t0 = time.perf_counter()
-    bar = tqdm(range(args.max_steps), desc="train")
-    for step in bar:
-        x, y = data.get_batch("train", args.batch_size, args.context_length, g, device)
-        loss = model.loss(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    dt = time.perf_counter() - t0
-    print(f"done: final train loss {loss.item():.3f}, "
-          f"{args.max_steps * args.batch_size * args.context_length / dt:,.0f} tokens/s")
+
+def _add_flag(group, name: str, tp, help: str, choices) -> None:
+    flag = "--" + name.replace("_", "-")
+    if get_origin(tp) is Union:
+        tp = next(a for a in get_args(tp) if a is not type(None))
+    if name == "resume":
+        group.add_argument(flag, nargs="?", const="auto", metavar="auto|PATH", help=help)
+    elif tp is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+    elif get_origin(tp) is tuple:
+        group.add_argument(flag, nargs=len(get_args(tp)), type=get_args(tp)[0], metavar="B", help=help)
+    else:
+        group.add_argument(flag, type=tp, choices=choices, metavar=None if choices else name.upper(), help=help)
+
+
+def parse_args(argv: list[str]) -> TrainConfig:
+    ns, extra = build_parser().parse_known_args(argv)
+    if extra:
+        flag = next((a for a in extra if a.startswith("-")), extra[0])
+        raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), "the command line")
+    cli = {k: v for k, v in vars(ns).items() if k != "config"}
+    file_vals = load_config_file(ns.config) if getattr(ns, "config", None) else {}
+    return make_config(("config file", file_vals), ("command line", cli))
+
+
+# ---- runtime pieces ---------------------------------------------------------------------------------
+# Dense bf16 tensor-core peak FLOP/s by GPU name (first match wins), for MFU.
+PEAK_BF16_FLOPS = [
+    (r"B200", 2250e12), (r"H200|GH200", 989e12), (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12),
+    (r"H100|H800", 989e12), (r"A100|A800", 312e12), (r"L40S", 362e12), (r"\bL4\b", 121e12),
+    (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"V100", 125e12),
+]
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """Peak dense bf16 FLOP/s of the GPU called ``device_name`` (None if unknown)."""
+    return next((f for pat, f in PEAK_BF16_FLOPS if re.search(pat, device_name)), None)
+
+
+def micro_seed(seed: int, step: int, m: int) -> int:
+    """The seed of micro-batch m (= rank * grad_accum + micro) of optimizer step ``step``."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{m}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine decay to min_lr at max_steps."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - min_lr)
+
+
+@torch.no_grad()
+def sample_text(model: GPT, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+    """A short continuation of ``prompt`` (no KV cache: fine for a few dozen tokens)."""
+    enc = get_encoding(TOKENIZER)
+    ids = enc.encode(prompt, allowed_special={ENDOFTEXT}) or [enc.eot_token]
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)  # (1, T)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    for _ in range(max_new_tokens):
+        logits = model(x[:, -model.config.context_length:])[:, -1, :].float()  # (1, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=gen)
+        x = torch.cat([x, nxt], dim=1)
+    model.train(was_training)
+    return enc.decode(x[0, len(ids):].tolist())
+
+
+def plot_losses(metrics: Path, png: Path) -> str:
+    """Train and val loss against step from metrics.jsonl into png; returns a one-line note."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return "matplotlib is not installed: skipped the loss curve (pip install matplotlib)"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and r["loss"] is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return f"loss curve: {png}"
+
+
+def _peak_rss_gib() -> Optional[float]:
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB (Linux) -> GiB
+
+
+def _json_num(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None
+
+
+class _GracefulStop:
+    """First SIGINT/SIGTERM: finish the current step, save, stop. A second SIGINT: stop now."""
+
+    def __init__(self, announce: bool):
+        self.signum: Optional[int] = None
+        self.announce = announce
+        self._old: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print(f"\ngptcore.train: {signal.Signals(signum).name} received: saving a checkpoint after this "
+                  f"step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class _Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def _setup_dist(device_arg: str) -> _Dist:
+    """Rank, world and device from torchrun's environment; joins the process group if world > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device_arg)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device_arg!r}") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {device_arg}: no CUDA GPU is visible; use --device cpu")
+            if device.index is None:
+                device = torch.device(f"cuda:{local}")
+            elif world > 1:
+                raise ConfigError(f"under torchrun give --device cuda (rank r uses cuda:LOCAL_RANK), "
+                                  f"not {device_arg}")
+        elif device.type != "cpu":
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device_arg!r}")
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank, world, local, device)
+
+
+class _LossModule(nn.Module):
+    """forward(idx, targets) -> mean loss, so DDP's hooks and torch.compile see the loss call."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, targets):
+        return self.model.loss(idx, targets)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int                          # optimizer steps completed (skipped non-finite steps count)
+    tokens: int                        # tokens seen
+    losses: dict[int, float]           # step -> mean train loss of that step (steps run in this call)
+    val_losses: dict[int, float]       # step -> val loss
+    best_val: Optional[float]
+    last_checkpoint: Optional[Path]
+    stopped_by: Optional[int] = None   # SIGINT / SIGTERM when a signal stopped the run
+
+
+def _crop_context(model: GPT, T: int) -> None:
+    """Keep the first T positions of a loaded model (nanoGPT's crop_block_size)."""
+    cfg = model.config
+    if T == cfg.context_length:
+        return
+    if T > cfg.context_length:
+        raise ConfigError(f"context_length {T} exceeds the loaded model's {cfg.context_length}")
+    if "wpe" in model.transformer:
+        old = model.transformer.wpe
+        model.transformer["wpe"] = nn.Embedding(T, cfg.emb_dim).to(old.weight.device)
+        model.transformer.wpe.weight.data.copy_(old.weight.data[:T])
+    else:
+        model.rope_cos, model.rope_sin = model.rope_cos[:T], model.rope_sin[:T]
+    model.config = cfg.replace(context_length=T)
+
+
+def _set_dropout(model: GPT, p: float) -> None:
+    model.config = model.config.replace(drop_rate=p)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "drop_rate"):
+            m.drop_rate = p
+
+
+def _is_gptcore_checkpoint(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return p.exists() and ((p / "meta.json").is_file() or (p / "latest").is_file())
+
+
+# ---- the trainer ------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: TrainConfig, dist_: _Dist, resume_hint: Optional[str] = None):
+        self.cfg, self.dist, self.device = cfg, dist_, dist_.device
+        self.resume_hint = resume_hint
+        self.out_dir = Path(cfg.out_dir)
+        self.bar = None
+        self._resume_notes: list[str] = []
+        self.precision = self._precision()
+        self.backend = cfg.backend or backend_for(self.device)
+        torch.manual_seed(cfg.seed)
+        ck = self._find_resume()
+        self.data = self._prepare_data()
+        self.model = self._build_model(ck)
+        self.T = self.model.config.context_length
+        if self.model.config.vocab_size < self.data.manifest["n_vocab"]:
+            self.data.check_vocab(self.model.config.vocab_size)
+        self.data.check_block("train", self.T)
+        self.eval_batches = self._eval_batches()
+        self.model.to(self.device).train()
+        self.model.grad_checkpointing = cfg.grad_checkpointing
+        self.optimizer = self._optimizer()
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.step, self.tokens, self.best_val, self.bad_run = 0, 0, None, 0
+        self.last_ckpt: Optional[Path] = None
+        self.last_val: Optional[float] = None
+        if ck is not None:
+            self._restore(ck)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_.world * self.T
+        self.max_steps = self._max_steps()
+        module: nn.Module = _LossModule(self.model)
+        if dist_.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        self.ddp = dist_.world > 1
+        self.ddp_module = module  # no_sync() lives here; the compiled wrapper calls into it
+        self.train_module = torch.compile(module) if cfg.compile else module
+        self.flops_per_token = self.model.flops_per_token(self.T)
+        self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        if dist_.main:
+            self._open_metrics()
+        self._announce()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _precision(self) -> str:
+        want, cuda = self.cfg.dtype, self.device.type == "cuda"
+        if want == "auto":
+            return ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+        if want == "fp16" and not cuda:
+            raise ConfigError("--dtype fp16 needs a CUDA GPU (its loss scaling is CUDA-only); "
+                              "on a CPU use fp32 or bf16")
+        if want == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError("this GPU has no bf16: use --dtype fp16 (with loss scaling) or fp32")
+        return want
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
+
+    def log(self, msg: str) -> None:
+        if not self.dist.main:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stdout)
+        else:
+            print(msg, flush=True)
+
+    def _find_resume(self):
+        cfg = self.cfg
+        if cfg.resume is None:
+            latest = find_latest(self.out_dir)
+            if latest is not None:
+                raise ConfigError(
+                    f"{self.out_dir} already holds a run (latest checkpoint {latest.name}); continue it with "
+                    f"--resume auto, or give a fresh --out-dir (nothing was overwritten)"
+                )
+            return None
+        if cfg.resume == "auto":
+            path = find_latest(self.out_dir)
+            if path is None:
+                self.log(f"--resume auto: no checkpoint in {self.out_dir}; starting a new run")
+                return None
+        else:
+            path = resolve_checkpoint(cfg.resume)
+        return load_checkpoint(path, map_location="cpu")
+
+    def _prepare_data(self):
+        cfg = self.cfg
+        # rank 0 tokenizes and fills the cache; the others then read it
+        if not self.dist.main:
+            self.dist.barrier()
+        data = prepare(cfg.data, tokenizer=TOKENIZER, val_fraction=cfg.val_fraction, errors=cfg.data_errors,
+                       progress=self.dist.main and cfg.progress)
+        if self.dist.main:
+            self.dist.barrier()
+        return data
+
+    def _build_model(self, ck) -> GPT:
+        cfg = self.cfg
+        if ck is not None:
+            self._check_resume(ck)
+            model = GPT(ck.model_config, backend=self.backend)
+            load_weights(model, ck.weights, source=str(ck.path))
+            self.init_note = f"resumed from {ck.path} (step {ck.meta['step']})"
+            return model
+        if cfg.init_from == "scratch":
+            self.init_note = f"preset {cfg.preset}, random init (seed {cfg.seed})"
+            return GPT(GPTConfig.from_preset(cfg.preset, **cfg.model), backend=self.backend)
+        if _is_gptcore_checkpoint(cfg.init_from):
+            src = load_checkpoint(cfg.init_from, load_state=False)
+            if src.meta.get("tokenizer", TOKENIZER) != TOKENIZER:
+                raise CheckpointError(f"{src.path} was trained with tokenizer {src.meta['tokenizer']!r}, "
+                                      f"this data uses {TOKENIZER!r}")
+            model = GPT(src.model_config, backend=self.backend)
+            load_weights(model, src.weights, source=str(src.path))
+            self.init_note = f"weights of {src.path}"
+        else:
+            model = self._load_pretrained(cfg.init_from)
+            self.init_note = f"pretrained {cfg.init_from}"
+        fixed = {k: v for k, v in cfg.model.items() if k not in ("drop_rate", "context_length")}
+        clash = [f"{k}: {getattr(model.config, k)!r} there, {v!r} here" for k, v in fixed.items()
+                 if getattr(model.config, k) != v]
+        if clash:
+            raise ConfigError(f"the architecture comes from --init-from {cfg.init_from}; only drop_rate and a shorter "
+                              f"context_length can change ({'; '.join(clash)})")
+        if "drop_rate" in cfg.model:
+            _set_dropout(model, cfg.model["drop_rate"])
+        if "context_length" in cfg.model:
+            _crop_context(model, cfg.model["context_length"])
+        return model
+
+    def _load_pretrained(self, name: str) -> GPT:
+        try:
+            from gptcore.hf import load_pretrained
+        except ImportError as e:
+            raise ConfigError(
+                f"--init-from {name}: not a gptcore checkpoint, and loading GPT-2 / Hugging Face weights needs "
+                f"gptcore.hf, which could not be imported ({e})"
+            ) from None
+        model = load_pretrained(name)
+        if not isinstance(model, GPT):
+            raise TypeError(f"gptcore.hf.load_pretrained({name!r}) returned {type(model).__name__}, not a GPT")
+        return model.set_backend(self.backend)
+
+    def _check_resume(self, ck) -> None:
+        """Refuse a checkpoint whose model differs; say which settings changed."""
+        old, new = ck.meta.get("train_config", {}), self.cfg.to_dict()
+        if ck.meta.get("tokenizer") != TOKENIZER:
+            raise CheckpointError(f"{ck.path} was trained with tokenizer {ck.meta.get('tokenizer')!r}, "
+                                  f"not {TOKENIZER!r}")
+        diffs = []
+        for key in ("preset", "init_from"):
+            if old.get(key) != new[key]:
+                diffs.append(f"{key}: checkpoint {old.get(key)!r}, now {new[key]!r}")
+        om, nm = old.get("model", {}), new["model"]
+        for key in sorted(set(om) | set(nm)):
+            if om.get(key) != nm.get(key):
+                diffs.append(f"{key}: checkpoint {om.get(key, '(preset)')!r}, now {nm.get(key, '(preset)')!r}")
+        if diffs:
+            raise CheckpointError(
+                f"cannot resume from {ck.path}: its model settings differ from this run's ({'; '.join(diffs)}). "
+                f"Resume with the settings the run started with, or start a new run in another --out-dir "
+                f"(nothing was overwritten)"
+            )
+        world = ck.meta.get("world_size")
+        repro = {"batch_size": (old.get("batch_size"), new["batch_size"]),
+                 "grad_accum": (old.get("grad_accum"), new["grad_accum"]),
+                 "seed": (old.get("seed"), new["seed"]), "world_size": (world, self.dist.world)}
+        changed = [f"{k} {a} -> {b}" for k, (a, b) in repro.items() if a != b]
+        if changed:
+            self._resume_notes.append("warning: " + ", ".join(changed) + ": the run goes on but will not "
+                                      "reproduce the uninterrupted one")
+        other = [k for k in new if k not in repro and k not in ("resume", "model", "preset", "init_from")
+                 and old.get(k) != new[k]]
+        if other:
+            self._resume_notes.append("changed since the checkpoint: " +
+                                      ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in other))
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
+        other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+        fused = True if self.device.type == "cuda" else None
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, fused=fused)
+
+    def _restore(self, ck) -> None:
+        st = ck.state
+        if st is None:
+            raise CheckpointError(f"{ck.path} holds weights only (no state.pt): use --init-from to start from it")
+        if ck.meta.get("data_hash") != self.data.hash:
+            self._resume_notes.append(
+                f"warning: the data differs from the checkpoint's (manifest hash {str(ck.meta.get('data_hash'))[:12]} "
+                f"-> {self.data.hash[:12]}): the run goes on with the new data")
+        try:
+            self.optimizer.load_state_dict(st["optimizer"])
+            if self.scaler is not None and st.get("scaler"):
+                self.scaler.load_state_dict(st["scaler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{ck.path}/state.pt: optimizer state does not fit this model ({e})") from None
+        for g, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0)):
+            g["betas"], g["weight_decay"] = self.cfg.betas, wd  # this run's settings win
+        self.step, self.tokens = int(st["step"]), int(st["tokens"])
+        self.best_val = st.get("best_val")
+        restore_rng(st["rng"])
+        self.last_ckpt = ck.path
+        if self.dist.main:
+            newer = [p.name for p in self.out_dir.glob("ckpt-*") if p.name > f"ckpt-{self.step:07d}"]
+            if newer:
+                self._resume_notes.append(f"note: {self.out_dir} holds later checkpoints ({', '.join(sorted(newer))}); "
+                                          f"this run replaces them as it passes their steps")
+
+    def _max_steps(self) -> int:
+        cfg = self.cfg
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        if cfg.max_tokens is not None:
+            return math.ceil(cfg.max_tokens / self.tokens_per_step)
+        if cfg.epochs is not None:
+            return math.ceil(cfg.epochs * self.data.manifest["train_tokens"] / self.tokens_per_step)
+        return DEFAULT_MAX_STEPS
+
+    def _eval_batches(self) -> list:
+        n_val = len(self.data.splits["val"])
+        if n_val < self.T + 1:
+            self.log(f"warning: the val split has {n_val} tokens, fewer than one window of {self.T + 1}: "
+                     f"no evaluation and no best/ checkpoint (raise --val-fraction or add data)")
+            return []
+        gen = torch.Generator().manual_seed(EVAL_SEED)
+        return [self.data.get_batch("val", self.cfg.batch_size, self.T, gen) for _ in range(self.cfg.eval_steps)]
+
+    def _open_metrics(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for p in remove_stale_temps(self.out_dir):
+            self.log(f"removed {p.name}, left by an interrupted save")
+        keep = []
+        if self.step > 0 and self.metrics_path.exists():
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= self.step:
+                        keep.append(line + "\n")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn last line from a killed run
+        self.metrics_path.write_text("".join(keep))
+
+    def _metric(self, row: dict) -> None:
+        if self.dist.main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _announce(self) -> None:
+        if not self.dist.main:
+            return
+        cfg, m = self.cfg, self.model
+        print("gptcore.train: config\n" + json.dumps(cfg.to_dict(), indent=1), flush=True)
+        print(f"model: {json.dumps(m.config.to_dict())}", flush=True)
+        report = ", ".join(f"{k}={v}" for k, v in m.backend_report().items())
+        print(f"model: {m.num_params() / 1e6:.2f}M parameters, {self.init_note}; backend {m.backend} ({report})")
+        print(f"device {self.device}, world {self.dist.world}, dtype {self.precision}"
+              f"{', compiled' if cfg.compile else ''}{', grad checkpointing' if cfg.grad_checkpointing else ''}")
+        epochs = self.max_steps * self.tokens_per_step / max(1, self.data.manifest["train_tokens"])
+        print(f"data: {cfg.data} ({self.data.manifest['train_tokens']:,} train / {self.data.manifest['val_tokens']:,} "
+              f"val tokens, manifest {self.data.hash[:12]})")
+        print(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {self.dist.world} = "
+              f"{cfg.batch_size * cfg.grad_accum * self.dist.world} sequences of {self.T} = "
+              f"{self.tokens_per_step:,} tokens/step; steps {self.step} -> {self.max_steps} (~{epochs:.2f} epochs)",
+              flush=True)
+        for note in self._resume_notes:
+            print(note, flush=True)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self, stop_requested: Callable[[], bool] = lambda: False) -> tuple[float, float, bool]:
+        """Forward/backward over grad_accum micro-batches, then one optimizer update unless the loss
+        or gradient is non-finite. Returns (mean loss, grad norm, whether any rank asked to stop)."""
+        cfg, accum = self.cfg, self.cfg.grad_accum
+        lr = lr_at(self.step, cfg, self.max_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accum):
+            seed = micro_seed(cfg.seed, self.step, self.dist.rank * accum + micro)
+            torch.manual_seed(seed)  # dropout masks, too, are a function of (seed, step, m)
+            x, y = self.data.get_batch("train", cfg.batch_size, self.T, torch.Generator().manual_seed(seed),
+                                       self.device)  # (B, T), (B, T)
+            sync_later = self.ddp and micro < accum - 1
+            with (self.ddp_module.no_sync() if sync_later else nullcontext()), self.autocast():
+                loss = self.train_module(x, y)
+            loss_sum += loss.detach().float()
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        packed = torch.stack([loss_sum, torch.tensor(float(stop_requested()), device=self.device)])
+        if self.ddp:
+            dist.all_reduce(packed)
+        loss_total, stops, gnorm_v = torch.cat([packed, gnorm.reshape(1).float()]).tolist()
+        loss_v = loss_total / (accum * self.dist.world)
+        if self.scaler is not None:
+            # fp16: an overflowing gradient is routine; the scaler skips that update and lowers the scale
+            if math.isfinite(loss_v):
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+            ok = math.isfinite(loss_v)
+        else:
+            ok = math.isfinite(loss_v) and math.isfinite(gnorm_v)
+            if ok:
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.last_lr, self.last_ok = lr, ok
+        # one process: a signal that came during the update counts for this step already
+        return loss_v, gnorm_v, stops > 0 or (not self.ddp and stop_requested())
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over the fixed val windows (shared out over ranks)."""
+        if not self.eval_batches:
+            return None
+        self.model.eval()
+        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(self.dist.rank, len(self.eval_batches), self.dist.world):
+            x, y = (t.to(self.device) for t in self.eval_batches[i])
+            with self.autocast():
+                tot[0] += self.model.loss(x, y).double()
+            tot[1] += 1
+        if self.ddp:
+            dist.all_reduce(tot)
+        self.model.train()
+        return (tot[0] / tot[1]).item()
+
+    def save(self, name: Optional[str] = None) -> Optional[Path]:
+        """Checkpoint (rank 0): out_dir/ckpt-{step}/ + latest + pruning, or out_dir/best/."""
+        if not self.dist.main:
+            return None
+        cfg_d = self.cfg.to_dict()
+        name = name or f"ckpt-{self.step:07d}"
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "step": self.step, "tokens": self.tokens, "best_val": self.best_val,
+            "rng": capture_rng(),
+            # batches are drawn from generators seeded by (seed, step, micro-batch): no loader state
+            "data": {"sampling": "seeded by (seed, step, rank * grad_accum + micro)", "seed": self.cfg.seed,
+                     "next_step": self.step, "manifest_hash": self.data.hash},
+            "train_config": cfg_d, "model_config": self.model.config.to_dict(),
+            "tokenizer": TOKENIZER, "world_size": self.dist.world,
+        }
+        meta = {
+            "step": self.step, "tokens": self.tokens, "train_config": cfg_d,
+            "model_config": self.model.config.to_dict(), "tokenizer": TOKENIZER, "data": self.cfg.data,
+            "data_hash": self.data.hash, "world_size": self.dist.world, "best_val": self.best_val,
+            "val_loss": self.last_val, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        path = save_checkpoint(self.out_dir / name, self.model, state, meta)
+        if name != "best":
+            update_latest(self.out_dir, path)
+            prune_checkpoints(self.out_dir, self.cfg.keep_last)
+            self.last_ckpt = path
+        return path
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        losses, vals = {}, {}
+        if self.step == 0 and self.eval_batches:
+            val = vals[0] = self.last_val = self.evaluate()
+            self._metric({"kind": "eval", "step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+            self.log(f"step 0: val loss {val:.4f}")
+        stopped_by = None
+        saved_at = -1
+        t_start = time.perf_counter()
+        with _GracefulStop(self.dist.main) as stopper:
+            if self.dist.main and cfg.progress:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
+            try:
+                while self.step < self.max_steps:
+                    t0 = time.perf_counter()
+                    loss, gnorm, stop = self.train_step(lambda: stopper.signum is not None)
+                    dt = time.perf_counter() - t0
+                    losses[self.step] = loss
+                    self._after_step(loss, gnorm, dt)
+                    if self.eval_batches and cfg.eval_interval and self.step % cfg.eval_interval == 0 \
+                            and self.step < self.max_steps:
+                        vals[self.step] = self._eval_and_best()
+                    if cfg.sample_every and cfg.sample_tokens and self.step % cfg.sample_every == 0:
+                        self._sample()
+                    periodic = cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0
+                    if stop or (periodic and self.bad_run == 0 and self.step < self.max_steps):
+                        self.save()
+                        saved_at = self.step
+                    if stop:
+                        stopped_by = stopper.signum or signal.SIGTERM  # a peer rank got the signal
+                        break
+            finally:
+                if self.bar is not None:
+                    self.bar.close()
+                    self.bar = None
+            if stopped_by is None:  # still inside: a signal now does not cut the final save short
+                if self.eval_batches and self.step not in vals:
+                    vals[self.step] = self._eval_and_best()
+                if saved_at != self.step:
+                    self.save()
+        elapsed = time.perf_counter() - t_start
+        if self.dist.main:
+            self._summary(losses, vals, elapsed, stopped_by)
+        self.dist.barrier()
+        return TrainResult(self.out_dir, self.step, self.tokens, losses, vals, self.best_val, self.last_ckpt,
+                           stopped_by)
+
+    def _after_step(self, loss: float, gnorm: float, dt: float) -> None:
+        cfg = self.cfg
+        tok_s = self.tokens_per_step / dt
+        mfu = (self.flops_per_token * tok_s / self.dist.world / self.peak) if self.peak else None
+        if self.device.type == "cuda":
+            mem = torch.cuda.max_memory_allocated(self.device) / 2**30
+        else:
+            mem = _peak_rss_gib()
+        self._metric({"kind": "train", "step": self.step, "loss": _json_num(loss), "lr": self.last_lr,
+                      "grad_norm": _json_num(gnorm), "tokens": self.tokens, "tokens_per_s": tok_s,
+                      "mfu": mfu, "mem_gib": mem, "skipped": not self.last_ok, "step_s": dt})
+        if not self.last_ok:
+            self.bad_run += 1
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            self.log(f"warning: step {self.step}: non-finite {what} (loss {loss}, grad norm {gnorm}); skipped the "
+                     f"update ({self.bad_run}/{cfg.max_bad_steps} in a row)")
+            if self.bad_run >= cfg.max_bad_steps:
+                last = self.last_ckpt or "none (no checkpoint was saved)"
+                raise TrainingError(
+                    f"{self.bad_run} steps in a row had a non-finite loss or gradient; stopped at step {self.step}. "
+                    f"Last good checkpoint: {last}. Try a lower --lr (now {cfg.lr}), --grad-clip 1.0, a longer "
+                    f"--warmup-steps, or --dtype bf16/fp32 instead of fp16"
+                )
+        else:
+            self.bad_run = 0
+        mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "-"
+        mem_s = f"{mem:.2f} GiB" if mem is not None else "-"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {self.last_lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_s} "
+                                     f"mem {mem_s}", refresh=False)
+        elif self.step % cfg.log_interval == 0 or self.step == self.max_steps:
+            self.log(f"step {self.step}/{self.max_steps} | loss {loss:.4f} | lr {self.last_lr:.2e} | "
+                     f"grad norm {gnorm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu_s} | mem {mem_s}")
+
+    def _eval_and_best(self) -> float:
+        val = self.last_val = self.evaluate()
+        self._metric({"kind": "eval", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
+        better = self.best_val is None or val < self.best_val
+        if better:
+            self.best_val = val
+            self.save("best")
+        self.log(f"step {self.step}: val loss {val:.4f}{' (best)' if better else ''}")
+        return val
+
+    def _sample(self) -> None:
+        if self.dist.main:
+            cfg = self.cfg
+            text = sample_text(self.model, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
+                               seed=cfg.seed + self.step)
+            self.log(f"sample @ step {self.step}: {cfg.sample_prompt + text!r}")
+
+    def _oom_message(self) -> str:
+        c = self.cfg
+        return (f"out of GPU memory at batch_size {c.batch_size}, context_length {self.T}, grad_accum "
+                f"{c.grad_accum}, dtype {self.precision}, grad_checkpointing {c.grad_checkpointing}. To fit: "
+                f"lower --batch-size and raise --grad-accum by the same factor (same global batch), add "
+                f"--grad-checkpointing, use --dtype bf16, or shorten --context-length")
+
+    def _summary(self, losses, vals, elapsed, stopped_by) -> None:
+        cfg = self.cfg
+        good = [v for v in losses.values() if math.isfinite(v)]
+        if good:
+            tail = good[-min(10, len(good)):]
+            msg = f"train loss {good[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)"
+            if len(vals) > 1:
+                last_step = max(vals)
+                msg += f"; val loss {vals[min(vals)]:.4f} -> {vals[last_step]:.4f}"
+            if self.best_val is not None:
+                msg += f" (best {self.best_val:.4f})"
+            print(f"{'stopped' if stopped_by else 'done'}: {len(losses)} steps, "
+                  f"{len(losses) * self.tokens_per_step:,} tokens in {elapsed:.1f} s; {msg}", flush=True)
+        if stopped_by is None:
+            if cfg.sample_tokens:
+                self._sample()
+            print(plot_losses(self.metrics_path, self.out_dir / "loss.png"), flush=True)
+            best = self.out_dir / "best"
+            target = best if best.exists() else self.last_ckpt
+            print(f"checkpoint: {self.last_ckpt}" + (f" (best: {best})" if best.exists() else ""))
+            print(f"evaluate: python -m gptcore.eval --ckpt {shlex.quote(str(target))} --data {shlex.quote(cfg.data)}",
+                  flush=True)
+        else:
+            name = signal.Signals(stopped_by).name
+            hint = self.resume_hint or f"python -m gptcore.train --out-dir {shlex.quote(cfg.out_dir)} --resume auto"
+            print(f"gptcore.train: stopped by {name} at step {self.step}; checkpoint saved to {self.last_ckpt}.\n"
+                  f"resume with:\n  {hint}", flush=True)
+
+
+def train(cfg: TrainConfig, resume_hint: Optional[str] = None) -> TrainResult:
+    """Run (or continue) training as configured; see the module docstring."""
+    d = _setup_dist(cfg.device)
+    try:
+        trainer = Trainer(cfg, d, resume_hint)
+        try:
+            return trainer.run()
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingError(trainer._oom_message()) from None
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same flags with --resume auto."""
+    args, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--resume":
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                i += 1
+        elif not a.startswith("--resume="):
+            args.append(a)
+        i += 1
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        nodes = world // max(1, local)
+        head = ["torchrun", f"--nproc_per_node={local}"] + ([f"--nnodes={nodes}"] if nodes > 1 else [])
+        head += ["-m", "gptcore.train"]
+    else:
+        head = ["python", "-m", "gptcore.train"]
+    return shlex.join(head + args + ["--resume", "auto"])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_args(argv)
+        result = train(cfg, resume_command(argv))
+    except ConfigError as e:
+        print(f"gptcore.train: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, TrainingError) as e:
+        print(f"gptcore.train: error: {e}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print(f"gptcore.train: error: out of GPU memory while setting up (batch_size {cfg.batch_size}, "
+              f"grad_accum {cfg.grad_accum}). To fit: lower --batch-size (raise --grad-accum to keep the global "
+              f"batch), add --grad-checkpointing, use --dtype bf16, shorten --context-length, or train with FSDP",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gptcore.train: interrupted twice: stopped at once, no checkpoint of this step", file=sys.stderr)
+        return 130
+    if result.stopped_by is not None:
+        return 128 + int(result.stopped_by)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
