@@ -144,6 +144,8 @@ def read_checkpoint(path: PathLike, trust_pickle: bool = False, config: ConfigSp
     if not p.exists():
         raise FileNotFoundError(f"no such file or folder: {p}")
     if p.is_dir():
+        if (p / "latest").is_file() or _is_training_checkpoint(p):
+            return _read_training_checkpoint(p)
         if (p / GPTCORE_SIDECAR).is_file():
             return _read_gptcore(p / GPTCORE_WEIGHTS, p / GPTCORE_SIDECAR)
         if _is_hf_config(p / "config.json"):
@@ -341,6 +343,26 @@ def finish_state_dict(sd: dict[str, torch.Tensor], config: GPTConfig) -> dict[st
 
 
 # ---- format readers -----------------------------------------------------------------------
+def _is_training_checkpoint(p: Path) -> bool:
+    return (p / "meta.json").is_file() and (p / GPTCORE_WEIGHTS).is_file()
+
+
+def _read_training_checkpoint(p: Path) -> Checkpoint:
+    """A checkpoint written by python -m gptcore.train (or its run folder, via ``latest``)."""
+    from gptcore import checkpoint
+
+    ck = checkpoint.resolve_checkpoint(p)
+    meta = read_json(ck / "meta.json")
+    if not isinstance(meta.get("model_config"), dict):
+        raise FormatError(f"{ck / 'meta.json'}: no 'model_config' object; not a gptcore training checkpoint")
+    config = GPTConfig.from_dict(meta["model_config"])
+    sd = finish_state_dict(load_safetensors(ck / GPTCORE_WEIGHTS), config)
+    rest = {k: meta[k] for k in ("step", "tokens", "tokenizer", "best_val", "data", "data_hash", "saved_at")
+            if k in meta}
+    desc = "gptcore training checkpoint (model.safetensors + meta.json + state.pt)"
+    return Checkpoint(str(ck), "gptcore-train", desc, sd, config, rest)
+
+
 def _read_gptcore(weights: Path, sidecar: Path) -> Checkpoint:
     meta = read_json(sidecar)
     if not weights.is_file():

@@ -564,3 +564,24 @@ def test_unreadable_files_are_format_errors(tmp_path, capsys, name, content):
         load_any(tmp_path / name)
     assert inspect_main([str(tmp_path / name)]) == 2
     assert "not a" in capsys.readouterr().err
+
+
+def test_training_checkpoint_is_read_by_load_any_and_inspect(tmp_path):
+    """A checkpoint written by the trainer (and its run folder, through `latest`) loads anywhere."""
+    from gptcore import checkpoint
+    from gptcore.formats import load_any
+
+    cfg = GPTConfig.from_preset("tiny", vocab_size=300, context_length=16)
+    model = GPT(cfg, backend="torch")
+    ck = checkpoint.save_checkpoint(tmp_path / "run" / "ckpt-0000007", model, None,
+                                    {"model_config": cfg.to_dict(), "step": 7, "tokens": 112, "tokenizer": "gpt2"})
+    checkpoint.update_latest(tmp_path / "run", ck)
+    for path in (ck, tmp_path / "run"):
+        got_cfg, sd, meta = load_any(path)
+        assert got_cfg == cfg and meta["format"] == "gptcore-train" and meta["step"] == 7
+        for k, v in model.state_dict().items():
+            assert torch.equal(sd[k], v), k
+    out = subprocess.run([sys.executable, "-m", "gptcore.inspect", str(tmp_path / "run"), "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["format"] == "gptcore-train"
