@@ -72,6 +72,17 @@ def _row_step(impl: str):
 
 
 # ---- the op: forward computes loss and both gradients; backward scales them ----------------------
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 result straight from the fp32 accumulator: chunk products that are later
+    summed in fp32 are not first rounded to fp16/bf16 (which made the summed gradient up to ~2.7x
+    less accurate than one full-size matmul)."""
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # CPU: no low-precision mm with an fp32 result
+
+
 def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
                    chunk_rows: int, impl: str, compute_dtype: torch.dtype,
                    compute_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -95,8 +106,8 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
             logits = hc @ w.t()  # (n, V), becomes d loss_row / d logits below
             step(logits, target[s:e], ignore_index, loss_rows[s:e])
             if compute_grads:
-                grad_h[s:e] = logits @ w  # (n, C)
-                grad_w += logits.t() @ hc  # (V, C)
+                grad_h[s:e] = _mm_f32(logits, w)  # (n, C)
+                grad_w += _mm_f32(logits.t(), hc)  # (V, C)
             del logits
         loss = loss_rows.sum()
         if reduction == "mean":
