@@ -4,9 +4,9 @@
 
 gelu_tanh(z) = 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3), computed in fp32 as
 z * sigmoid(2u) (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)), which needs one exp and
-no tanh. The sigmoid is evaluated at z clamped to [-10, 10]: beyond that it is 0 or 1 to fp32
-precision, and the clamp keeps z^3 and exp() finite for any input (no inf * 0 = NaN in the
-backward).
+no tanh. The sigmoid is evaluated at z clamped to [-10, 10] and set to 0 below -10: beyond that
+range it is 0 or 1 to fp32 precision, and the clamp keeps z^3 and exp() finite for any input
+(no inf * 0 = NaN in the backward, no tiny-but-nonzero sigmoid scaling a huge negative z).
 
 Forward (``_gelu_fwd_kernel``): 2-D tiles of (BLOCK_M rows, BLOCK_N cols); the bias slice is
 loaded once per tile. z = x + bias is formed in fp32 and not rounded; the forward saves x (not
@@ -39,11 +39,11 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 @triton.jit
 def _sigmoid_2u(z, C: tl.constexpr):
-    """(s, e, zc): s = sigmoid(2 u(zc)) = 0.5 (1 + tanh(u(zc))), e = exp(-2 u(zc)), zc = z clamped
-    to [-10, 10] (fp32). 1 - s = e s without cancellation; e stays below 1e38 thanks to the clamp."""
+    """(s, e, zc): s = sigmoid(2 u(zc)) = 0.5 (1 + tanh(u(zc))) (0 where z < -10), e = exp(-2 u(zc)),
+    zc = z clamped to [-10, 10] (fp32). 1 - s = e s without cancellation; e < 1e38 by the clamp."""
     zc = tl.minimum(tl.maximum(z, -10.0), 10.0)
     e = tl.exp(-2.0 * C * (zc + 0.044715 * zc * zc * zc))
-    return 1.0 / (1.0 + e), e, zc
+    return tl.where(z < -10.0, 0.0, 1.0 / (1.0 + e)), e, zc
 
 
 @triton.jit(do_not_specialize=["M"])

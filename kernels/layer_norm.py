@@ -18,6 +18,7 @@ returned h) + dLN/dh; d x = d residual = dh_total (one tensor when x and residua
 Limits and layout:
 - row width N from 1 to MAX_WIDTH = 16384 elements (a row must fit in one program's registers;
   wider rows raise an error naming the limit); any number of rows; leading dims flattened.
+  Tuned for N <= 8192; above that the backward spills registers to local memory (correct, slower).
 - float32, float16, bfloat16 inputs, any mix among x, residual, weight, bias. h and y have the
   dtype of x + residual (x's dtype without residual); dweight/dbias have the parameter's dtype.
 - CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
@@ -198,6 +199,8 @@ def _backward(dy2, dh2, x2, weight, has_bias: bool, mean, rstd, out_shape, dx_dt
         zeros = torch.zeros(N, dtype=torch.float32, device=dev)
         return dx, dres, zeros if weight is not None else None, zeros if has_bias else None
     block_m, block_n, num_warps = _tile(N)
+    if block_n >= 16384:
+        num_warps = 32  # the widest rows: x, dy, w and two accumulators per thread; halves the spills
     blocks = triton.cdiv(M, block_m)
     programs = min(blocks, persistent_programs(dev, _BWD_PROGRAMS_PER_SM))
     rows_per_prog = triton.cdiv(blocks, programs) * block_m
