@@ -1,10 +1,13 @@
-"""Launch helpers shared by the row-wise kernels (layer_norm.py, gelu.py).
+"""Launch helpers and the partial-sum reduction shared by the row-wise kernels (layer_norm.py, gelu.py).
 
 - ``check_tensor``: the boundary check every public kernel function runs on its tensors
   (floating dtype the kernels support, a device Triton can run on, same device as x).
 - ``as_rows``: flatten leading dims to (M, N) rows with unit column stride, copying only when
   the layout cannot be expressed as one row stride.
-- ``persistent_programs``: how many programs a persistent (grid-stride over rows) kernel gets.
+- ``persistent_programs``: how many programs a persistent (row-run per program) kernel gets.
+- ``sum_partials``: the second step of a deterministic column reduction: one small kernel sums
+  the (P, N) fp32 per-program partials of one or two quantities over P and stores each in its
+  parameter's dtype (one launch instead of a sum and a cast per quantity).
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,3 +63,45 @@ def persistent_programs(device: torch.device, per_sm: int) -> int:
     if device.type != "cuda":
         return 4
     return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@triton.jit(do_not_specialize=["P"])
+def _sum_partials_kernel(
+    PART,  # (K, P, N) fp32 per-program partial sums, K = 2 if TWO else 1
+    OUT0,  # (N,) out: sum over P of PART[0], in its own dtype
+    OUT1,  # (N,) out: sum over P of PART[1] (unused unless TWO)
+    P,
+    N,
+    TWO: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    col_ok = cols < N
+    acc0 = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)  # (BLOCK_P,)
+        mask = (rows < P)[:, None] & col_ok[None, :]
+        offs = rows[:, None] * N + cols[None, :]
+        acc0 += tl.load(PART + offs, mask=mask, other=0.0)
+        if TWO:
+            acc1 += tl.load(PART + P * N + offs, mask=mask, other=0.0)
+    tl.store(OUT0 + cols, tl.sum(acc0, axis=0).to(OUT0.dtype.element_ty), mask=col_ok)
+    if TWO:
+        tl.store(OUT1 + cols, tl.sum(acc1, axis=0).to(OUT1.dtype.element_ty), mask=col_ok)
+
+
+def sum_partials(part: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """part (K, P, N) fp32, K = len(dtypes) in (1, 2) -> K tensors (N,): sums over P in those dtypes.
+
+    Fixed summation order (column blocks of BLOCK_N, P walked in BLOCK_P steps, then a tree over
+    BLOCK_P), so the result is bit-identical from run to run.
+    """
+    k, p, n = part.shape
+    outs = [torch.empty(n, dtype=dt, device=part.device) for dt in dtypes]
+    block_n = 32
+    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+        part, outs[0], outs[-1], p, n, TWO=k == 2, BLOCK_P=64, BLOCK_N=block_n, num_warps=4,
+    )
+    return outs

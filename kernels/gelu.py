@@ -4,16 +4,17 @@
 
 gelu_tanh(z) = 0.5 z (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3), computed in fp32 as
 z * sigmoid(2u) (the same function: 0.5 (1 + tanh(u)) = sigmoid(2u)), which needs one exp and
-no tanh. The sigmoid is evaluated at z clamped to [-10, 10]: beyond that it is 0 or 1 to fp32
-precision, and the clamp keeps z^3 and exp() finite for any input (no inf * 0 = NaN in the
-backward).
+no tanh. The sigmoid is evaluated at z clamped to [-10, 10] and set to 0 below -10: beyond that
+range it is 0 or 1 to fp32 precision, and the clamp keeps z^3 and exp() finite for any input
+(no inf * 0 = NaN in the backward, no tiny-but-nonzero sigmoid scaling a huge negative z).
 
 Forward (``_gelu_fwd_kernel``): 2-D tiles of (BLOCK_M rows, BLOCK_N cols); the bias slice is
 loaded once per tile. z = x + bias is formed in fp32 and not rounded; the forward saves x (not
 y) and the backward recomputes z.
 Backward (``_gelu_bwd_kernel``): dz = dy * gelu'(z) = d x; with a bias, a persistent grid over
 row runs accumulates d bias in fp32 registers and writes one (N,) partial per row-run to a
-(programs, N) buffer that a plain sum reduces: no atomics, bit-identical from run to run.
+(programs, N) buffer that one small kernel (_rows.sum_partials) sums in a fixed order: no
+atomics, bit-identical from run to run.
 
 Limits: float32/float16/bfloat16 (any mix of x and bias; y has the dtype of x + bias); any
 shape, leading dims flattened; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. A tensor
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs
+from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs, sum_partials
 
 _TILE = 4096  # elements per program tile
 _MAX_BLOCK_N = 1024  # widest column block; wider rows span several programs
@@ -39,11 +40,11 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 @triton.jit
 def _sigmoid_2u(z, C: tl.constexpr):
-    """(s, e, zc): s = sigmoid(2 u(zc)) = 0.5 (1 + tanh(u(zc))), e = exp(-2 u(zc)), zc = z clamped
-    to [-10, 10] (fp32). 1 - s = e s without cancellation; e stays below 1e38 thanks to the clamp."""
+    """(s, e, zc): s = sigmoid(2 u(zc)) = 0.5 (1 + tanh(u(zc))) (0 where z < -10), e = exp(-2 u(zc)),
+    zc = z clamped to [-10, 10] (fp32). 1 - s = e s without cancellation; e < 1e38 by the clamp."""
     zc = tl.minimum(tl.maximum(z, -10.0), 10.0)
     e = tl.exp(-2.0 * C * (zc + 0.044715 * zc * zc * zc))
-    return 1.0 / (1.0 + e), e, zc
+    return tl.where(z < -10.0, 0.0, 1.0 / (1.0 + e)), e, zc
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -138,12 +139,12 @@ def _forward(x2, bias, out_shape, out_dtype):
 
 
 def _backward(dy2, x2, bias, out_shape, dx_dtype):
-    """-> dx (out_shape, dx_dtype), d bias as an fp32 (N,) sum (None without bias)."""
+    """-> dx (out_shape, dx_dtype), d bias (N,) in bias's dtype (None without bias)."""
     M, N = x2.shape
     dev = x2.device
     dx = torch.empty(out_shape, dtype=dx_dtype, device=dev)
     if M == 0 or N == 0:
-        return dx, None if bias is None else torch.zeros(N, dtype=torch.float32, device=dev)
+        return dx, None if bias is None else torch.zeros(N, dtype=bias.dtype, device=dev)
     block_m, block_n, num_warps = _tile(N)
     row_blocks = triton.cdiv(M, block_m)
     col_blocks = triton.cdiv(N, block_n)
@@ -153,13 +154,13 @@ def _backward(dy2, x2, bias, out_shape, dx_dtype):
         row_programs = min(row_blocks, max(1, persistent_programs(dev, _BWD_PROGRAMS_PER_SM) // col_blocks))
     rows_per_prog = triton.cdiv(row_blocks, row_programs) * block_m
     row_programs = triton.cdiv(M, rows_per_prog)
-    db_part = torch.empty((row_programs, N), dtype=torch.float32, device=dev) if bias is not None else None
+    db_part = torch.empty((1, row_programs, N), dtype=torch.float32, device=dev) if bias is not None else None
     _gelu_bwd_kernel[(row_programs, col_blocks)](
         x2, x2 if bias is None else bias, dy2, dx, dx if db_part is None else db_part,
         M, N, x2.stride(0), dy2.stride(0), rows_per_prog,
         C=_GELU_C, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    return dx, None if db_part is None else db_part.sum(0)
+    return dx, None if db_part is None else sum_partials(db_part, [bias.dtype])[0]
 
 
 class _Gelu(torch.autograd.Function):
@@ -177,8 +178,7 @@ class _Gelu(torch.autograd.Function):
     def backward(ctx, dy):
         x2, bias = ctx.saved_tensors
         dx, db = _backward(as_rows(dy), x2, bias, ctx.shape, x2.dtype)
-        db = db.to(bias.dtype) if db is not None and ctx.needs_input_grad[1] else None
-        return dx, db
+        return dx, db if ctx.needs_input_grad[1] else None
 
 
 def _check(x, bias) -> None:

@@ -9,8 +9,9 @@ fp32 whatever the input dtype; per-row mean and rstd (M,) fp32 are kept for the 
 Backward (``_ln_bwd_kernel``): a persistent grid of a few programs per SM; each walks its own
 contiguous run of rows once, reading the saved input and dy, writing dx (and d residual) and
 accumulating dweight/dbias in fp32 registers. Each program writes its partial sums to one row
-of a (programs, N) fp32 buffer that a plain sum reduces: no atomics, so dweight and dbias are
-bit-identical from run to run.
+of a (programs, N) fp32 buffer; one small kernel (_rows.sum_partials) sums those in a fixed
+order and casts to the parameters' dtypes: no atomics, so dweight and dbias are bit-identical
+from run to run.
 
 Gradients with residual: h feeds y and is also returned, so dh_total = dh (flowing into the
 returned h) + dLN/dh; d x = d residual = dh_total (one tensor when x and residual share a dtype).
@@ -18,6 +19,7 @@ returned h) + dLN/dh; d x = d residual = dh_total (one tensor when x and residua
 Limits and layout:
 - row width N from 1 to MAX_WIDTH = 16384 elements (a row must fit in one program's registers;
   wider rows raise an error naming the limit); any number of rows; leading dims flattened.
+  Tuned for N <= 8192; above that the backward spills registers to local memory (correct, slower).
 - float32, float16, bfloat16 inputs, any mix among x, residual, weight, bias. h and y have the
   dtype of x + residual (x's dtype without residual); dweight/dbias have the parameter's dtype.
 - CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
@@ -32,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs
+from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs, sum_partials
 
 MAX_WIDTH = 16384  # widest row (elements) one program normalises in registers
 _TILE = 4096  # elements per program tile: rows are stacked until a tile holds about this many
@@ -182,11 +184,11 @@ def _forward(x2, r2, weight, bias, eps: float, out_shape, h_dtype):
     return y, h, mean, rstd
 
 
-def _backward(dy2, dh2, x2, weight, has_bias: bool, mean, rstd, out_shape, dx_dtype, dres_dtype):
+def _backward(dy2, dh2, x2, weight, bias_dtype, mean, rstd, out_shape, dx_dtype, dres_dtype):
     """Grads of LN(x2) (+ dh2 when the residual sum was returned). x2 is the saved LN input.
 
     Returns dx (out_shape, dx_dtype), dres (out_shape, dres_dtype; None when it would equal dx),
-    dweight and dbias as fp32 (N,) sums (None when absent).
+    dweight (weight's dtype) and dbias (bias_dtype), None when absent.
     """
     M, N = x2.shape
     dev = x2.device
@@ -194,28 +196,34 @@ def _backward(dy2, dh2, x2, weight, has_bias: bool, mean, rstd, out_shape, dx_dt
     dres = None
     if dres_dtype is not None and dres_dtype != dx_dtype:
         dres = torch.empty(out_shape, dtype=dres_dtype, device=dev)
+    has_w, has_b = weight is not None, bias_dtype is not None
     if M == 0:
-        zeros = torch.zeros(N, dtype=torch.float32, device=dev)
-        return dx, dres, zeros if weight is not None else None, zeros if has_bias else None
+        zeros = lambda dt: torch.zeros(N, dtype=dt, device=dev)
+        return dx, dres, zeros(weight.dtype) if has_w else None, zeros(bias_dtype) if has_b else None
     block_m, block_n, num_warps = _tile(N)
+    if block_n >= 16384:
+        num_warps = 32  # the widest rows: x, dy, w and two accumulators per thread; halves the spills
     blocks = triton.cdiv(M, block_m)
     programs = min(blocks, persistent_programs(dev, _BWD_PROGRAMS_PER_SM))
     rows_per_prog = triton.cdiv(blocks, programs) * block_m
     programs = triton.cdiv(M, rows_per_prog)  # every program gets at least one row
-    dw_part = torch.empty((programs, N), dtype=torch.float32, device=dev) if weight is not None else None
-    db_part = torch.empty((programs, N), dtype=torch.float32, device=dev) if has_bias else None
+    # per-program partial sums: part[0] of dweight (or of dbias when there is no weight), part[-1] of dbias
+    part = torch.empty((has_w + has_b, programs, N), dtype=torch.float32, device=dev) if has_w or has_b else None
+    dw_part = part[0] if has_w else None
+    db_part = part[-1] if has_b else None
     _ln_bwd_kernel[(programs,)](
         x2, x2 if weight is None else weight, dy2, dy2 if dh2 is None else dh2,
         dx, dx if dres is None else dres,
         dx if dw_part is None else dw_part, dx if db_part is None else db_part,
         mean, rstd,
         M, N, x2.stride(0), dy2.stride(0), 0 if dh2 is None else dh2.stride(0), rows_per_prog,
-        HAS_W=weight is not None, HAS_B=has_bias, HAS_DH=dh2 is not None, HAS_DRES=dres is not None,
+        HAS_W=has_w, HAS_B=has_b, HAS_DH=dh2 is not None, HAS_DRES=dres is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
-    dw = dw_part.sum(0) if dw_part is not None else None
-    db = db_part.sum(0) if db_part is not None else None
-    return dx, dres, dw, db
+    if part is None:
+        return dx, dres, None, None
+    sums = sum_partials(part, ([weight.dtype] if has_w else []) + ([bias_dtype] if has_b else []))
+    return dx, dres, sums[0] if has_w else None, sums[-1] if has_b else None
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -245,13 +253,11 @@ class _LayerNorm(torch.autograd.Function):
         dy2 = torch.zeros_like(x2) if dy is None else as_rows(dy)
         dh2 = None if dh is None else as_rows(dh)
         dx, dres, dw, db = _backward(
-            dy2, dh2, x2, weight, ctx.bias_dtype is not None, mean, rstd, ctx.shape, ctx.x_dtype, ctx.res_dtype
+            dy2, dh2, x2, weight, ctx.bias_dtype, mean, rstd, ctx.shape, ctx.x_dtype, ctx.res_dtype
         )
         if ctx.res_dtype is not None and dres is None:
             dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
-        dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[1] else None
-        db = db.to(ctx.bias_dtype) if db is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, dres, None
+        return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, dres, None
 
 
 def _check(x, weight, bias, residual) -> None:
