@@ -130,6 +130,7 @@ def bench_generation(cfg, dtype, batches, prompt_len, new_tokens, quick) -> list
         if quick:
             configs = [c for c in configs if c[1] != "reference"]
         for name, backend, gen_kw, call_kw, slow in configs:
+            print(f"generate: {name} ({backend}, batch {B}) ...", flush=True)
             _attempt(rows, "generate", f"{name} ({backend}, batch {B})", lambda: _gptcore_rows(
                 cfg, dtype, name, backend, B, prompts, new_tokens, gen_kw, call_kw, slow))
         if importlib.util.find_spec("transformers") is None:
