@@ -58,7 +58,11 @@ def _attempt(rows: list, section: str, name: str, fn) -> None:
     """Run one case (fn returns its rows); a failure becomes a row naming the error instead of
     ending the run, so one broken path never costs the other measurements."""
     try:
-        rows.extend(fn())
+        new = fn()
+        rows.extend(new)
+        for r in new:  # as measured, so a run cut short still shows what it got
+            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+                  flush=True)
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         rows.append({"section": section, "name": name, "error": f"{type(e).__name__}: {e}"})
