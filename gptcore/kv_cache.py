@@ -84,6 +84,16 @@ class _Cache:
         self._external = False
         self._ops = _ext.ops()
 
+    def _check_reorder_index(self, index: Iterable[int]) -> list[int]:
+        """reorder's index as host ints, checked against the active sequences and the cache's rows."""
+        index = [int(i) for i in index]
+        B = self.batch_size
+        if not index or any(not 0 <= i < B for i in index):
+            raise ValueError(f"reorder: index must be a non-empty list of sequences in [0, {B}), got {index}")
+        if len(index) > self.max_batch_size:
+            raise ValueError(f"reorder: {len(index)} sequences exceed the cache's {self.max_batch_size} rows")
+        return index
+
     @classmethod
     def for_model(cls, model, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None,
                   attention: Optional[str] = None, **kwargs):
@@ -275,12 +285,8 @@ class KVCache(_Cache):
 
     def reorder(self, index: Iterable[int]) -> None:
         """Keep sequences ``index`` (host ints, repeats allowed) as the new rows 0..len(index)-1."""
-        index = [int(i) for i in index]
+        index = self._check_reorder_index(index)
         B = self.batch_size
-        if not index or any(not 0 <= i < B for i in index):
-            raise ValueError(f"reorder: index must be a non-empty list of sequences in [0, {B}), got {index}")
-        if len(index) > self.max_batch_size:
-            raise ValueError(f"reorder: {len(index)} sequences exceed the cache's {self.max_batch_size} rows")
         n = max(self._host_lengths[i] for i in index)
         idx = torch.tensor(index, dtype=torch.long).to(self.device, non_blocking=True)
         L, _, Bmax, H, T, D = self.storage.shape
@@ -373,12 +379,8 @@ class PagedKVCache(_Cache):
     def reorder(self, index: Iterable[int]) -> None:
         """Keep sequences ``index`` as rows 0..len(index)-1: block-table rows move, nothing is copied,
         except that a sequence taken twice (beam search) gets its own copy of the blocks."""
-        index = [int(i) for i in index]
+        index = self._check_reorder_index(index)
         B = self.batch_size
-        if not index or any(not 0 <= i < B for i in index):
-            raise ValueError(f"reorder: index must be a non-empty list of sequences in [0, {B}), got {index}")
-        if len(index) > self.max_batch_size:
-            raise ValueError(f"reorder: {len(index)} sequences exceed the cache's {self.max_batch_size} rows")
         kept = set(index)
         dropped = [b for b in range(B) if b not in kept]
         fork_need = sum(len(self._blocks[i]) for i in index) - sum(len(self._blocks[i]) for i in kept)

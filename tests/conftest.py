@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+from errcheck import poison_
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -28,3 +30,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Make torch.empty return NaN-filled floating tensors while the test runs."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return poison_(t) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", empty)

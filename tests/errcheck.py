@@ -24,3 +24,14 @@ def assert_error_within(fast, lowprec, oracle, factor: float = 2.0, atol: float 
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a float tensor with NaN (for outputs a kernel must overwrite)."""
     return t.fill_(float("nan"))
+
+
+def dtype_floor(oracle, dtype, terms=None, units: float = 1.0) -> float:
+    """An absolute floor for the rule: ``units`` units of the dtype at the result's scale and, for a
+    sum over rows (terms: the float64 summands, (M, N)), one fp32 unit at the scale of sum |terms|:
+    an fp32 sum in any fixed order may be that far off, however lucky torch's own order is."""
+    floor = units * torch.finfo(dtype).eps * max(1.0, oracle.detach().abs().max().item())
+    if terms is not None:
+        floor += torch.finfo(torch.float32).eps * terms.detach().abs().reshape(-1, terms.shape[-1]).sum(0).max().item()
+    return floor
+

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from errcheck import assert_error_within, poison_
+from errcheck import assert_error_within, dtype_floor
 from gptcore.kernels.gelu import gelu
 from gptcore.kernels.reference import gelu_ref
 
@@ -22,28 +22,6 @@ DEV = "cuda" if ON_GPU else "cpu"
 WIDTHS = [1, 7, 768, 1023, 1600, 3072, 4097] if ON_GPU else [1, 7, 768, 1023, 1600, 4097]
 ROWS = [1, 3, 1000] if ON_GPU else [1, 3, 37]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make torch.empty return NaN-filled floating tensors while the test runs."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return poison_(t) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def _floor(oracle: torch.Tensor, dtype, terms: torch.Tensor | None = None) -> float:
-    """The rule's absolute floor: one unit of the dtype at the result's scale and, for a sum over
-    rows (terms: the float64 summands, (M, N)), one fp32 unit at the scale of sum |terms|: an fp32
-    sum in any fixed order may be that far off, however lucky torch's own order is on one draw."""
-    floor = torch.finfo(dtype).eps * max(1.0, oracle.detach().abs().max().item())
-    if terms is not None:
-        floor += torch.finfo(torch.float32).eps * terms.detach().abs().reshape(-1, terms.shape[-1]).sum(0).max().item()
-    return floor
 
 
 def _torch_gelu(x, bias=None):
@@ -74,7 +52,7 @@ def _check_all(x, bias, tag, lowprec="torch"):
     for name in oracle:
         assert fast[name].dtype == low[name].dtype, f"{tag} {name}: dtype {fast[name].dtype} != torch's {low[name].dtype}"
         terms = oracle["dx"] if name == "dbias" else None  # d bias = sum over rows of dz = dx
-        assert_error_within(fast[name], low[name], oracle[name], atol=_floor(oracle[name], low[name].dtype, terms),
+        assert_error_within(fast[name], low[name], oracle[name], atol=dtype_floor(oracle[name], low[name].dtype, terms),
                             name=f"{tag} {name}")
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from errcheck import assert_error_within, poison_
+from errcheck import assert_error_within, dtype_floor
 from gptcore.kernels.layer_norm import MAX_WIDTH, layer_norm
 from gptcore.kernels.reference import layer_norm_ref
 
@@ -27,27 +27,9 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
 
 
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Make torch.empty return NaN-filled floating tensors while the test runs."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return poison_(t) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
-
-
-def _floor(oracle: torch.Tensor, dtype, terms: torch.Tensor | None = None) -> float:
-    """The rule's absolute floor: four units of the dtype at the result's scale and, for a sum over
-    rows (terms: the float64 summands, (M, N)), one fp32 unit at the scale of sum |terms|: an fp32
-    sum in any fixed order may be that far off, however lucky torch's own order is on one draw."""
+def _floor(oracle, dtype, terms=None) -> float:
     # 4 units: dx = rstd * (wdy - xhat*c1 - c2) rounds a few times even when each step is exact-ish
-    floor = 4 * torch.finfo(dtype).eps * max(1.0, oracle.detach().abs().max().item())
-    if terms is not None:
-        floor += torch.finfo(torch.float32).eps * terms.detach().abs().reshape(-1, terms.shape[-1]).sum(0).max().item()
-    return floor
+    return dtype_floor(oracle, dtype, terms, units=4)
 
 
 def _run(fn, x, weight, bias, residual, gy, gh):
