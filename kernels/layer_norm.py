@@ -41,6 +41,14 @@ _TILE = 4096  # elements per program tile: rows are stacked until a tile holds a
 _BWD_PROGRAMS_PER_SM = 2  # persistent backward grid: programs per SM
 
 
+@triton.jit
+def _row_mean(row_sums, N):
+    """row_sums / N, correctly rounded. A plain fp32 `/` compiles to the GPU's approximate
+    division (up to 2 ulp): at width 1 that leaves x - mean and dy - mean(dy) a few ulp off 0,
+    which rstd = 1/sqrt(eps) then blows up. Per-row, so the exact division costs nothing."""
+    return tl.math.div_rn(row_sums, tl.zeros_like(row_sums) + N)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _ln_fwd_kernel(
     X,  # (M, N) rows at stride_x, unit column stride
@@ -74,9 +82,9 @@ def _ln_fwd_kernel(
         h = (x + r).to(H.dtype.element_ty)  # round as stored, so y is exactly LN(returned h)
         tl.store(H + rows64[:, None] * N + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N  # (BLOCK_M,)
+    mean = _row_mean(tl.sum(x, axis=1), N)  # (BLOCK_M,)
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
+    var = _row_mean(tl.sum(xc * xc, axis=1), N)
     rstd = tl.rsqrt(var + eps)
     y = xc * rstd[:, None]
     if HAS_W:
@@ -140,8 +148,8 @@ def _ln_bwd_kernel(
             wdy = dy
         if HAS_B:
             db_acc += dy
-        c1 = tl.sum(xhat * wdy, axis=1) / N  # (BLOCK_M,)
-        c2 = tl.sum(wdy, axis=1) / N
+        c1 = _row_mean(tl.sum(xhat * wdy, axis=1), N)  # (BLOCK_M,)
+        c2 = _row_mean(tl.sum(wdy, axis=1), N)
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DH:
             dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)

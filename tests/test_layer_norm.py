@@ -52,13 +52,21 @@ def _run(fn, x, weight, bias, residual, gy, gh):
 
 def _torch_ln(x, w, b, eps, residual=None):
     if residual is None:
-        return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+        return _f_layer_norm(x, w, b, eps)
     return _torch_add_ln(x, w, b, eps, residual)
 
 
 def _torch_add_ln(x, w, b, eps, residual):
     h = x + residual
-    return F.layer_norm(h, (h.shape[-1],), w, b, eps), h
+    return _f_layer_norm(h, w, b, eps), h
+
+
+def _f_layer_norm(h, w, b, eps):
+    # CUDA's F.layer_norm wants the parameters in the input's dtype (CPU's accepts a mix); cast
+    # inside autograd, as the block would, so dweight/dbias still come back in the parameter's dtype
+    w = w if w is None else w.to(h.dtype)
+    b = b if b is None else b.to(h.dtype)
+    return F.layer_norm(h, (h.shape[-1],), w, b, eps)
 
 
 def _check_all(x, weight, bias, residual, out_dtype, tag):
