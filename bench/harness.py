@@ -1,7 +1,11 @@
 """One timing harness for every benchmark in bench/.
 
-- ``time_ms(fn)``: median and 20/80 quantiles in ms (triton.testing.do_bench on CUDA, a
-  perf_counter loop on the CPU).
+- ``time_ms(fn)``: median and 20/80 quantiles in ms of an eager call (triton.testing.do_bench on
+  CUDA, a perf_counter loop on the CPU): what a Python caller waits, host launch overhead included
+  whenever the host is slower than the GPU.
+- ``gpu_time_ms(fn)``: the same from CUDA-graph replays of fn (triton.testing.do_bench_cudagraph):
+  device time alone, the kernels' own speed with every launch's host overhead removed (what a
+  training step that runs ahead of the GPU, or a captured graph, pays).
 - ``peak_gib(fn)``: peak CUDA memory of one call after a reset.
 - ``ceilings()``: this GPU's measured copy bandwidth and bf16 matmul rate, so every row can
   say what fraction of the ceiling it reached.
@@ -42,6 +46,20 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     times.sort()
     pick = lambda f: times[min(len(times) - 1, int(f * len(times)))]
     return {"median": pick(0.5), "p20": pick(0.2), "p80": pick(0.8)}
+
+
+def gpu_time_ms(fn: Callable[[], object], rep_ms: float = 100) -> dict | None:
+    """{'median', 'p20', 'p80'} ms of fn replayed from a CUDA graph; None without CUDA.
+
+    fn is captured as many unrolled calls in one graph, so a closure that rotates over buffer sets
+    still rotates inside the graph. Raises whatever capture raises (e.g. a host sync inside fn).
+    """
+    if not torch.cuda.is_available():
+        return None
+    import triton.testing
+
+    q = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return {"median": q[0], "p20": q[1], "p80": q[2]}
 
 
 def peak_gib(fn: Callable[[], object]) -> float | None:

@@ -15,8 +15,10 @@ the max |difference| from torch eager's output as a sanity check. Bytes counted:
   LN+res bwd  read h, dy, dh, write dx (= d r)        4 M N e
   GELU fwd    read x, write y                         2 M N e
   GELU f+b    fwd + read x, dy, write dx              5 M N e
-Timing uses harness.time_ms (triton.testing.do_bench: it also clears L2 before every call);
-inputs rotate over enough buffer sets that one pass through them exceeds 4x a 50 MB L2.
+Two timings per row: ``ms`` is an eager call (harness.time_ms, triton.testing.do_bench, which also
+clears L2 before every call), host launch overhead included where the host is the slower side;
+``gpu_ms`` is device time from CUDA-graph replays (harness.gpu_time_ms), the kernels alone. GB/s,
+% of copy and the ratios are given for both (suffix _gpu for device time). Inputs rotate over enough buffer sets that one pass through them exceeds 4x a 50 MB L2.
 Backward rows time torch.autograd.grad over a graph built once per buffer set.
 On a machine without CUDA it runs a tiny smoke version under TRITON_INTERPRET=1 (no GB/s worth
 reading, no torch.compile). ``run(quick)`` returns the rows for ``python -m bench``.
@@ -81,14 +83,14 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _time_forward(fn, sets):
+def _forward_step(fn, sets):
     """sets: list of argument tuples; each call takes the next set."""
     it = itertools.cycle(sets)
-    return harness.time_ms(lambda: fn(*next(it)))
+    return lambda: fn(*next(it))
 
 
-def _time_backward(fn, sets, grads_for):
-    """Build one graph per set, then time autograd.grad over them in turn."""
+def _backward_step(fn, sets, grads_for):
+    """Build one graph per set; each call runs autograd.grad over the next one."""
     graphs = []
     for args in sets:
         outs = fn(*args)
@@ -101,10 +103,10 @@ def _time_backward(fn, sets, grads_for):
         outs, wrt, g = next(it)
         return torch.autograd.grad(outs, wrt, g, retain_graph=True)
 
-    return harness.time_ms(step)
+    return step
 
 
-def _time_fwd_bwd(fn, sets, grads_for):
+def _fwd_bwd_step(fn, sets, grads_for):
     """Forward and backward per call; output grads are drawn beforehand, outside the timing."""
     prepared = []
     for args in sets:
@@ -120,7 +122,7 @@ def _time_fwd_bwd(fn, sets, grads_for):
         outs = fn(*args)
         return torch.autograd.grad(outs if isinstance(outs, tuple) else (outs,), wrt, g)
 
-    return harness.time_ms(step)
+    return step
 
 
 def _bench_op(op, mode, shape, bytes_moved, fns, sets, grads_for=None) -> list[dict]:
@@ -133,27 +135,37 @@ def _bench_op(op, mode, shape, bytes_moved, fns, sets, grads_for=None) -> list[d
         try:
             outputs[impl] = _first(fn(*sets[0])).detach()  # also compiles / warms up
             if mode == "fwd":
-                t = _time_forward(fn, sets)
+                step = _forward_step(fn, sets)
             elif mode == "bwd":
-                t = _time_backward(fn, sets, grads_for)
+                step = _backward_step(fn, sets, grads_for)
             else:
-                t = _time_fwd_bwd(fn, sets, grads_for)
+                step = _fwd_bwd_step(fn, sets, grads_for)
+            t = harness.time_ms(step)
             row.update(ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"])
+            try:
+                g = harness.gpu_time_ms(step)
+                if g is not None:
+                    row.update(gpu_ms=g["median"], gpu_p20_ms=g["p20"], gpu_p80_ms=g["p80"])
+            except Exception as e:  # a reference that cannot be captured in a graph keeps its eager time
+                row["gpu_error"] = f"{type(e).__name__}: {e}"[:300]
         except Exception as e:  # a failing reference (e.g. torch.compile) must not sink the run
             row.update(ms=None, error=f"{type(e).__name__}: {e}"[:300])
         rows.append(row)
     copy = harness.ceilings()["copy_GBps"]
-    eager = next((r["ms"] for r in rows if r["impl"] == "torch"), None)
-    refs = [r["ms"] for r in rows if r["impl"] != "triton" and r.get("ms")]
-    best_ref = min(refs) if refs else None
+    for suffix in ("", "_gpu"):  # eager-call timing, then device time from CUDA-graph replay
+        key = "ms" if not suffix else "gpu_ms"
+        eager = next((r.get(key) for r in rows if r["impl"] == "torch"), None)
+        refs = [r[key] for r in rows if r["impl"] != "triton" and r.get(key)]
+        best_ref = min(refs) if refs else None
+        for r in rows:
+            ms = r.get(key)
+            if not ms:
+                continue
+            r["GBps" + suffix] = bytes_moved / (ms * 1e-3) / 1e9
+            r["pct_copy" + suffix] = 100.0 * r["GBps" + suffix] / copy if copy else None
+            r["vs_torch" + suffix] = eager / ms if eager else None
+            r["vs_best_ref" + suffix] = best_ref / ms if best_ref else None
     for r in rows:
-        ms = r.get("ms")
-        if not ms:
-            continue
-        r["GBps"] = bytes_moved / (ms * 1e-3) / 1e9
-        r["pct_copy"] = 100.0 * r["GBps"] / copy if copy else None
-        r["vs_torch"] = eager / ms if eager else None
-        r["vs_best_ref"] = best_ref / ms if best_ref else None
         if "torch" in outputs and r["impl"] in outputs:
             r["max_abs_diff_vs_torch"] = (outputs[r["impl"]].float() - outputs["torch"].float()).abs().max().item()
     return rows
@@ -224,7 +236,8 @@ def run(quick: bool = False, use_compile: bool = True) -> list[dict]:
     return rows
 
 
-COLS = ["op", "mode", "shape", "impl", "ms", "GBps", "pct_copy", "vs_torch", "vs_best_ref", "max_abs_diff_vs_torch"]
+COLS = ["op", "mode", "shape", "impl", "ms", "GBps", "vs_torch", "gpu_ms", "GBps_gpu", "pct_copy_gpu", "vs_torch_gpu",
+        "vs_best_ref_gpu", "max_abs_diff_vs_torch"]
 
 
 def main(argv=None) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 
@@ -460,7 +461,13 @@ def _arch(device: torch.device) -> int | None:
     """Compute capability as 90, 80, ... or None for the interpreter (CPU tensors)."""
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch(index: int) -> int:
+    # cached: torch.cuda.get_device_capability costs ~10 us a call, and every launch asks
+    major, minor = torch.cuda.get_device_capability(index)
     return 10 * major + minor
 
 
@@ -469,16 +476,21 @@ def candidates(kernel: str, D: int, dtype: torch.dtype, arch: int | None, tma_ok
 
     tma_ok: the tensors meet TMA's alignment rules (see _tma_ok); TMA variants exist on sm_90+.
     """
+    return list(_candidates(kernel, D, dtype, arch, tma_ok))
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(kernel: str, D: int, dtype: torch.dtype, arch: int | None, tma_ok: bool) -> tuple[KernelConfig, ...]:
     if arch is None:
-        return [_INTERPRETER[kernel]]
+        return (_INTERPRETER[kernel],)
     size = "large" if D > 64 else "small"
     if dtype == torch.float32:
-        return [_FP32[(kernel, size)]]
+        return (_FP32[(kernel, size)],)
     if arch >= 90:
         base = _SM90[(kernel, size)]
         with_tma = [dataclasses.replace(c, tma=True) for c in base] + _SM90_TMA_ONLY[(kernel, size)]
-        return base + (with_tma if tma_ok else [])
-    return list(_SM80[(kernel, size)])
+        return tuple(base + (with_tma if tma_ok else []))
+    return tuple(_SM80[(kernel, size)])
 
 
 def _tma_ok(*tensors: torch.Tensor) -> bool:
@@ -487,7 +499,7 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     The interpreter (CPU) emulates descriptors; on CUDA they need sm_90+.
     """
     for t in tensors:
-        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+        if t.is_cuda and _arch(t.device) < 90:
             return False
         if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
             return False
@@ -510,7 +522,7 @@ def _pick(kernel: str, key: tuple, launch, n_scores: int) -> KernelConfig:
     if key in _TUNED:
         return _TUNED[key]
     _, D, dtype, *_rest, arch, tma_ok = key
-    cands = candidates(kernel, D, dtype, arch, tma_ok)
+    cands = _candidates(kernel, D, dtype, arch, tma_ok)
     if not (_AUTOTUNE and arch is not None and len(cands) > 1 and n_scores >= _TUNE_MIN_SCORES):
         return cands[0]
     from triton.testing import do_bench
