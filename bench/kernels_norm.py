@@ -72,6 +72,15 @@ def _impls(triton_fn, ref_fn, torch_fn, use_compile: bool) -> dict[str, Callable
     return fns
 
 
+_CPU_GEN = torch.Generator().manual_seed(0)
+
+
+def _randn(shape, dev, dtype) -> torch.Tensor:
+    """Random inputs drawn on the CPU: a CUDA-graph capture that fails (a reference that cannot be
+    captured) leaves CUDA's generator unusable, and the run must go on after it."""
+    return torch.randn(shape, generator=_CPU_GEN).to(dev, dtype)
+
+
 def _n_sets(bytes_per_set: int) -> int:
     """Buffer sets to rotate over: one pass moves more than 4x L2 (2 sets on the CPU smoke run)."""
     if not torch.cuda.is_available():
@@ -178,19 +187,19 @@ def _ln_rows(rows_m, width, dtype, dev, use_compile) -> list[dict]:
 
     def make_sets(n_tensors_per_set, residual):
         n = _n_sets(n_tensors_per_set * mne)
-        w = torch.randn(width, device=dev, dtype=dtype).requires_grad_()
-        b = torch.randn(width, device=dev, dtype=dtype).requires_grad_()
+        w = _randn((width,), dev, dtype).requires_grad_()
+        b = _randn((width,), dev, dtype).requires_grad_()
         sets = []
         for _ in range(n):
-            x = torch.randn(rows_m, width, device=dev, dtype=dtype).requires_grad_()
+            x = _randn((rows_m, width,), dev, dtype).requires_grad_()
             if residual:
-                r = torch.randn(rows_m, width, device=dev, dtype=dtype).requires_grad_()
+                r = _randn((rows_m, width,), dev, dtype).requires_grad_()
                 sets.append((x, w, b, EPS, r))
             else:
                 sets.append((x, w, b, EPS))
         return sets
 
-    grads = lambda outs: [torch.randn_like(o) for o in outs]
+    grads = lambda outs: [_randn(o.shape, o.device, o.dtype) for o in outs]
     shape = (rows_m, width)
     # Plain LayerNorm: forward moves x, y; backward x, dy, dx.
     fns = _impls(layer_norm, layer_norm_ref, _torch_ln, use_compile)
@@ -209,11 +218,11 @@ def _ln_rows(rows_m, width, dtype, dev, use_compile) -> list[dict]:
 def _gelu_rows(rows_m, width, dtype, dev, use_compile) -> list[dict]:
     e = torch.finfo(dtype).bits // 8
     mne = rows_m * width * e
-    b = torch.randn(width, device=dev, dtype=dtype).requires_grad_()
-    sets = [(torch.randn(rows_m, width, device=dev, dtype=dtype).requires_grad_(), b)
+    b = _randn((width,), dev, dtype).requires_grad_()
+    sets = [(_randn((rows_m, width,), dev, dtype).requires_grad_(), b)
             for _ in range(_n_sets(3 * mne))]
     fns = _impls(gelu, gelu_ref, _torch_gelu, use_compile)
-    grads = lambda outs: [torch.randn_like(o) for o in outs]
+    grads = lambda outs: [_randn(o.shape, o.device, o.dtype) for o in outs]
     shape = (rows_m, width)
     return (_bench_op("bias+gelu", "fwd", shape, 2 * mne, fns, sets)
             + _bench_op("bias+gelu", "fwd+bwd", shape, 5 * mne, fns, sets, grads))
