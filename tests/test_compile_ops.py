@@ -44,7 +44,7 @@ def _outs_and_grads(outs, grads_out, leaves):
 def _assert_equal(got, want):
     assert len(got) == len(want)
     for i, (a, b) in enumerate(zip(got, want)):
-        assert a.dtype == b.dtype and a.shape == b.shape, f"item {i}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), f"item {i}: {a.dtype} {tuple(a.shape)} vs {b.dtype} {tuple(b.shape)}"
         assert torch.equal(a, b), f"item {i}: max diff {(a.double() - b.double()).abs().max().item():.3e}"
 
 
@@ -212,7 +212,7 @@ def test_triton_backend_eager_runs_the_functions_compiled_the_ops():
     idx = torch.randint(0, 97, (2, 8), device=DEV)
     torch.compile(model.loss, backend=capture, fullgraph=True)(idx, idx)
     names = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    counts = {op: sum(n == f"gptcore.{op}.default" for n in names) for op in ("layer_norm", "add_layer_norm", "gelu", "attention")}
+    counts = {op: names.count(f"gptcore.{op}.default") for op in ("layer_norm", "add_layer_norm", "gelu", "attention")}
     assert counts == {"layer_norm": 1, "add_layer_norm": 2, "gelu": 1, "attention": 1}, (counts, names)
 
 
