@@ -189,8 +189,9 @@ class GPT(nn.Module):
                 f"sequence of {start_pos + T} positions exceeds the model's context_length "
                 f"{cfg.context_length}; crop the input (e.g. idx[:, -{cfg.context_length}:])"
             )
-        if not idx.is_cuda and idx.numel():
-            # Cheap on the CPU; on a GPU this check would cost a host sync per step.
+        if not idx.is_cuda and idx.numel() and not torch.compiler.is_compiling():
+            # Cheap on the CPU; on a GPU this check would cost a host sync per step (and under
+            # torch.compile a graph break).
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must be in [0, {cfg.vocab_size}), got min {lo}, max {hi}")

@@ -5,6 +5,7 @@ Backends (DESIGN.md):
   torch      PyTorch's own fused ops (scaled_dot_product_attention, F.layer_norm, F.gelu):
              what a nanoGPT user runs today, the baseline to beat
   triton     gptcore's kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+             (under torch.compile as opaque custom ops: gptcore.compiled_ops)
 
 Every op has the same signature in every backend:
   layer_norm(x, weight, bias, eps, residual=None) -> y  or (y, x + residual)
@@ -15,6 +16,7 @@ The model never imports a kernel directly; it asks ``get_ops(backend)``.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -102,6 +104,19 @@ def _load_triton_kernel(op: str) -> Callable | None:
     return getattr(mod, fn_name)
 
 
+def _compile_aware(eager: Callable, compiled: Callable) -> Callable:
+    """eager (the kernel's autograd.Function: no dispatcher cost) outside torch.compile, compiled
+    (the same kernel as an opaque custom op, gptcore.compiled_ops) while dynamo traces."""
+
+    @functools.wraps(eager)
+    def op(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    return op
+
+
 def get_ops(backend: str) -> Ops:
     if backend == "reference":
         rep = {"layer_norm": "reference", "fc_gelu": "reference", "attention": "reference"}
@@ -119,6 +134,10 @@ def get_ops(backend: str) -> Ops:
         fallbacks = {"layer_norm": _torch_layer_norm, "gelu": _torch_gelu, "attention": _torch_attention}
         for op, fb in fallbacks.items():
             fn = _load_triton_kernel(op)
+            if fn is not None:
+                from gptcore import compiled_ops
+
+                fn = _compile_aware(fn, getattr(compiled_ops, op))
             impl[op] = fn if fn is not None else fb
             rep[op] = "triton" if fn is not None else f"torch (fallback: {_TRITON_KERNELS[op][0]} not available)"
         gelu = impl["gelu"]
