@@ -573,11 +573,10 @@ def main(argv=None) -> int:
 
     if args.ckpt:
         model = load_checkpoint_model(args.ckpt, device)
-        if args.backend:
-            model.set_backend(args.backend)
+        model.set_backend(args.backend or default_backend(device))
     else:
         torch.manual_seed(0 if args.seed is None else args.seed)
-        model = GPT(GPTConfig.from_preset(args.preset), backend=args.backend)
+        model = GPT(GPTConfig.from_preset(args.preset), backend=args.backend or default_backend(device))
     model = model.to(device=device, dtype=dtype).eval()
 
     texts = list(args.prompt) + [open(f, encoding="utf-8").read() for f in args.prompt_file]

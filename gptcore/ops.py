@@ -150,6 +150,9 @@ def get_ops(backend: str) -> Ops:
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
-def default_backend() -> str:
-    """The fastest backend that can run here: triton on a CUDA GPU, else torch."""
+def default_backend(device=None) -> str:
+    """The fastest backend that can run here (on ``device`` when given): triton on a CUDA GPU,
+    else torch (a CPU model on a machine with a GPU also gets torch)."""
+    if device is not None and torch.device(device).type != "cuda":
+        return "torch"
     return "triton" if torch.cuda.is_available() and triton_status() is None else "torch"
