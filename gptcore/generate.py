@@ -570,6 +570,7 @@ def main(argv=None) -> int:
         dtype = getattr(torch, args.dtype)
     from gptcore.config import GPTConfig
     from gptcore.model import GPT
+    from gptcore.ops import default_backend
 
     if args.ckpt:
         model = load_checkpoint_model(args.ckpt, device)
