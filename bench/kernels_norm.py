@@ -98,18 +98,23 @@ def _forward_step(fn, sets):
     return lambda: fn(*next(it))
 
 
-def _backward_step(fn, sets, grads_for):
-    """Build one graph per set; each call runs autograd.grad over the next one."""
+def _graphs(fn, sets, grads_for):
+    """One forward per set: (args, outputs, tensors needing grad, output grads drawn now)."""
     graphs = []
     for args in sets:
         outs = fn(*args)
         outs = outs if isinstance(outs, tuple) else (outs,)
         wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        graphs.append((outs, wrt, grads_for(outs)))
-    it = itertools.cycle(graphs)
+        graphs.append((args, outs, wrt, grads_for(outs)))
+    return graphs
+
+
+def _backward_step(fn, sets, grads_for):
+    """Build one graph per set; each call runs autograd.grad over the next one."""
+    it = itertools.cycle(_graphs(fn, sets, grads_for))
 
     def step():
-        outs, wrt, g = next(it)
+        _, outs, wrt, g = next(it)
         return torch.autograd.grad(outs, wrt, g, retain_graph=True)
 
     return step
@@ -117,14 +122,7 @@ def _backward_step(fn, sets, grads_for):
 
 def _fwd_bwd_step(fn, sets, grads_for):
     """Forward and backward per call; output grads are drawn beforehand, outside the timing."""
-    prepared = []
-    for args in sets:
-        outs = fn(*args)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        prepared.append((args, wrt, grads_for(outs)))
-    del outs
-    it = itertools.cycle(prepared)
+    it = itertools.cycle([(args, wrt, g) for args, _, wrt, g in _graphs(fn, sets, grads_for)])
 
     def step():
         args, wrt, g = next(it)
