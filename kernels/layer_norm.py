@@ -31,6 +31,7 @@ Tests: python -m pytest -q tests/test_layer_norm.py     Bench: python -m bench.k
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -179,6 +180,7 @@ class LaunchConfig:
     programs_per_sm: int = 0  # backward only: persistent grid size
 
 
+@functools.lru_cache(maxsize=None)  # per call on the hot path; a pure function of n
 def fwd_config(n: int) -> LaunchConfig:
     """Forward launch for rows of width n: whole rows, ~_TILE elements a program, 512 elements a
     warp. Depends on n only, so the row count never triggers a recompile."""
@@ -188,6 +190,7 @@ def fwd_config(n: int) -> LaunchConfig:
     return LaunchConfig(block_m, block_n, num_warps)
 
 
+@functools.lru_cache(maxsize=None)
 def bwd_config(n: int) -> LaunchConfig:
     """Backward launch for rows of width n: the forward's tile on a persistent grid, at least 4
     warps; 4 programs per SM up to 2048-wide rows, 2 above (more per SM thrash L1/L2 there)."""
