@@ -281,7 +281,13 @@ def bench_decode_attention(dtype, quick) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
+SECTIONS = ("generate", "mixed", "append", "decode")
+
+
+def run(quick: bool = False, sections=SECTIONS) -> list[dict]:
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     if ON_GPU:
         cfg = GPTConfig.from_preset("gpt2")
@@ -290,10 +296,13 @@ def run(quick: bool = False) -> list[dict]:
         cfg = GPTConfig.from_preset("tiny")
         batches, prompt_len, new_tokens = [1, 4], 8, 8
     print(f"device: {torch.cuda.get_device_name() if ON_GPU else 'cpu'}; ceilings: {ceilings()}")
-    rows = bench_generation(cfg, dtype, batches, prompt_len, new_tokens, quick)
-    _attempt(rows, "mixed", "mixed prompt lengths", lambda: bench_mixed(cfg, dtype, quick))
-    _attempt(rows, "append", "KV append / gather", lambda: bench_append(dtype, quick))
-    _attempt(rows, "decode", "decode attention", lambda: bench_decode_attention(dtype, quick))
+    rows = bench_generation(cfg, dtype, batches, prompt_len, new_tokens, quick) if "generate" in sections else []
+    if "mixed" in sections:
+        _attempt(rows, "mixed", "mixed prompt lengths", lambda: bench_mixed(cfg, dtype, quick))
+    if "append" in sections:
+        _attempt(rows, "append", "KV append / gather", lambda: bench_append(dtype, quick))
+    if "decode" in sections:
+        _attempt(rows, "decode", "decode attention", lambda: bench_decode_attention(dtype, quick))
     tables = [
         ("generate", ["name", "backend", "batch", "new_tok_s", "ms_per_token", "frac_weight_bw", "kv_B_per_token",
                       "decode_mode"], f"generation: {new_tokens} new tokens, {prompt_len}-token prompts, greedy"),
@@ -310,7 +319,8 @@ def run(quick: bool = False) -> list[dict]:
         if "error" in r:
             print(f"FAILED {r['section']}: {r['name']}: {r['error']}")
     _print_targets(rows)
-    path = write_json("generate", rows, extra={"config": cfg.to_dict(), "dtype": str(dtype), "quick": quick})
+    path = write_json("generate", rows, extra={"config": cfg.to_dict(), "dtype": str(dtype), "quick": quick,
+                                               "sections": list(sections)})
     print(f"\nwrote {path}")
     return rows
 
@@ -332,7 +342,10 @@ def _print_targets(rows: list[dict]) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer tokens and rows (a smoke run)")
-    run(quick=p.parse_args(argv).quick)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
+                   help=f"which parts to run, any of {', '.join(SECTIONS)} (default: all)")
+    args = p.parse_args(argv)
+    run(quick=args.quick, sections=args.sections)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 - ``time_ms(fn)``: median and 20/80 quantiles in ms of an eager call (triton.testing.do_bench on
   CUDA, a perf_counter loop on the CPU): what a Python caller waits, host launch overhead included
   whenever the host is slower than the GPU.
-- ``gpu_time_ms(fn)``: the same from CUDA-graph replays of fn (triton.testing.do_bench_cudagraph):
-  device time alone, the kernels' own speed with every launch's host overhead removed (what a
+- ``gpu_time_ms(fn)``: the same from CUDA-graph replays of many unrolled calls of fn, captured on
+  ``capture_stream()`` (build autograd graphs there to time a backward alone): device time alone, the kernels' own speed with every launch's host overhead removed (what a
   training step that runs ahead of the GPU, or a captured graph, pays).
 - ``peak_gib(fn)``: peak CUDA memory of one call after a reset.
 - ``ceilings()``: this GPU's measured copy bandwidth and bf16 matmul rate, so every row can
@@ -48,18 +48,61 @@ def time_ms(fn: Callable[[], object], warmup_ms: float = 25, rep_ms: float = 100
     return {"median": pick(0.5), "p20": pick(0.2), "p80": pick(0.8)}
 
 
-def gpu_time_ms(fn: Callable[[], object], rep_ms: float = 100) -> dict | None:
+_CAPTURE_STREAM = None
+
+
+def capture_stream():
+    """The side stream gpu_time_ms captures on (None without CUDA).
+
+    Autograd runs each backward kernel on the stream its forward ran on, and a capture records
+    only its own stream; so a step that calls backward over a graph built earlier must build that
+    graph under ``with torch.cuda.stream(harness.capture_stream()):``.
+    """
+    global _CAPTURE_STREAM
+    if _CAPTURE_STREAM is None and torch.cuda.is_available():
+        _CAPTURE_STREAM = torch.cuda.Stream()
+    return _CAPTURE_STREAM
+
+
+def gpu_time_ms(fn: Callable[[], object], rep_ms: float = 100, retries: int = 10) -> dict | None:
     """{'median', 'p20', 'p80'} ms of fn replayed from a CUDA graph; None without CUDA.
 
-    fn is captured as many unrolled calls in one graph, so a closure that rotates over buffer sets
-    still rotates inside the graph. Raises whatever capture raises (e.g. a host sync inside fn).
+    fn is captured as many unrolled calls in one graph (about rep_ms / retries of work), so a
+    closure that rotates over buffer sets still rotates inside the graph; each of the ``retries``
+    replays gives one per-call time. Raises whatever capture raises (e.g. a host sync inside fn).
     """
     if not torch.cuda.is_available():
         return None
-    import triton.testing
+    s = capture_stream()
+    s.wait_stream(torch.cuda.current_stream())
 
-    q = triton.testing.do_bench_cudagraph(fn, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-    return {"median": q[0], "p20": q[1], "p80": q[2]}
+    def timed(graph, n_calls):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(s)
+        graph.replay()
+        b.record(s)
+        b.synchronize()
+        return a.elapsed_time(b) / n_calls
+
+    with torch.cuda.stream(s):
+        fn()  # warm-up outside the capture (JIT, autotuning, lazy allocations)
+        one = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(one, stream=s):
+            fn()
+        one.replay()
+        est = min(timed(one, 1) for _ in range(5))
+        del one
+        n = max(1, min(10_000, int(rep_ms / retries / max(est, 1e-3))))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            for _ in range(n):
+                fn()
+        graph.replay()  # first replay uploads the graph
+        times = sorted(timed(graph, n) for _ in range(retries))
+        del graph
+    torch.cuda.current_stream().wait_stream(s)
+    pick = lambda f: times[min(len(times) - 1, int(f * len(times)))]
+    return {"median": pick(0.5), "p20": pick(0.2), "p80": pick(0.8)}
 
 
 def peak_gib(fn: Callable[[], object]) -> float | None:

@@ -26,6 +26,7 @@ reading, no torch.compile). ``run(quick)`` returns the rows for ``python -m benc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import math
 import os
@@ -99,13 +100,22 @@ def _forward_step(fn, sets):
 
 
 def _graphs(fn, sets, grads_for):
-    """One forward per set: (args, outputs, tensors needing grad, output grads drawn now)."""
+    """One forward per set: (args, outputs, tensors needing grad, output grads drawn now).
+
+    Built on harness.capture_stream(): their backward kernels run there (autograd's stream rule),
+    which is what lets harness.gpu_time_ms capture a backward-only step."""
     graphs = []
-    for args in sets:
-        outs = fn(*args)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-        graphs.append((args, outs, wrt, grads_for(outs)))
+    s = harness.capture_stream()
+    if s is not None:
+        s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s) if s is not None else contextlib.nullcontext():
+        for args in sets:
+            outs = fn(*args)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+            graphs.append((args, outs, wrt, grads_for(outs)))
+    if s is not None:
+        torch.cuda.current_stream().wait_stream(s)
     return graphs
 
 

@@ -3,11 +3,10 @@ were chosen). CUDA only; one JSON line per config: eager do_bench ms and CUDA-gr
 
     python bench/sweep_layer_norm.py OUT.jsonl      # bf16, 16384 rows, widths 768/1024/1600/4096 (~4 min on an H100)
 """
-import dataclasses, itertools, json, sys, time
+import itertools, json, sys, time
 import torch, triton
 from triton.testing import do_bench, do_bench_cudagraph
 import gptcore.kernels.layer_norm as L
-from gptcore.kernels._rows import as_rows
 
 M = 16384
 dt = torch.bfloat16
@@ -19,7 +18,7 @@ def bench(fn):
     a = do_bench(fn, warmup=10, rep=50, return_mode="median")
     try:
         g = do_bench_cudagraph(fn, rep=50, return_mode="median")
-    except Exception as e:
+    except Exception:
         g = None
     return a, g
 

@@ -83,6 +83,38 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     return a.float() @ b.float()  # CPU: no low-precision mm with an fp32 result
 
 
+def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b for an fp32 acc, in place (no (V, C) temporary and extra pass per chunk)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+VOCAB_ALIGN = 64  # logits rows padded to a multiple of this many columns (see _padded_weight)
+
+
+def _padded_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """weight (V, C) cast to dtype with zero rows appended up to a multiple of VOCAB_ALIGN.
+
+    GPT-2's vocab (50257) makes every (rows, V) logits matrix's leading dimension odd, and cuBLAS
+    then drops to its slow unaligned kernels for the LM head's three matmuls (nanoGPT pads its
+    vocab to 50304 for the same reason). The zero rows give logits columns that are exactly 0;
+    the row step never sees them (it gets the [:, :V] view) and they add exactly 0 to both
+    gradients, so the result is unchanged.
+    """
+    V, C = weight.shape
+    Vp = -(-V // VOCAB_ALIGN) * VOCAB_ALIGN
+    if Vp == V:
+        return weight.to(dtype)
+    w = torch.empty((Vp, C), dtype=dtype, device=weight.device)
+    w[:V].copy_(weight)
+    w[V:].zero_()
+    return w
+
+
 def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
                    chunk_rows: int, impl: str, compute_dtype: torch.dtype,
                    compute_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -99,15 +131,15 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
     grad_h = torch.empty((N, C) if compute_grads else (0,), dtype=torch.float32, device=h.device)
     grad_w = torch.zeros((V, C) if compute_grads else (0,), dtype=torch.float32, device=h.device)
     with torch.autocast(h.device.type, enabled=False):
-        w = weight.to(compute_dtype)  # (V, C)
+        w = _padded_weight(weight, compute_dtype)  # (Vp, C), rows V.. are zero
         for s in range(0, N, chunk_rows):
             e = min(s + chunk_rows, N)
             hc = h[s:e].to(compute_dtype)  # (n, C)
-            logits = hc @ w.t()  # (n, V), becomes d loss_row / d logits below
-            step(logits, target[s:e], ignore_index, loss_rows[s:e])
+            logits = hc @ w.t()  # (n, Vp); [:, :V] becomes d loss_row / d logits below
+            step(logits[:, :V], target[s:e], ignore_index, loss_rows[s:e])
             if compute_grads:
-                grad_h[s:e] = _mm_f32(logits, w)  # (n, C)
-                grad_w += _mm_f32(logits.t(), hc)  # (V, C)
+                grad_h[s:e] = _mm_f32(logits, w)  # (n, C); the zero columns meet zero rows
+                _addmm_f32_(grad_w, logits[:, :V].t(), hc)  # (V, C)
             del logits
         loss = loss_rows.sum()
         if reduction == "mean":
