@@ -2,8 +2,11 @@
 //
 // Built by setup.py as gptcore._C; importing it registers the ops under torch.ops.gptcore:
 //   kv_append(cache!, new_kv, pos)                      static cache, one tensor
-//   kv_append_kv(k_cache!, v_cache!, k, v, pos)         static cache, keys and values in one call
-//   paged_append(k_cache!, v_cache!, k, v, block_table, pos)   paged cache, through the block table
+//   kv_append_kv(k_cache!, v_cache!, k, v, pos, host_check=True)   static cache, keys and values in one call
+//   paged_append(k_cache!, v_cache!, k, v, block_table, pos, host_check=True)   paged cache, through the block table
+//   (host_check=False: on CUDA, skip the host copy of pos/block_table for the bounds check, i.e. the
+//   sync; for callers that already guarantee the bounds, as gptcore.kv_cache does with its host
+//   shadows. The kernels still drop any out-of-bounds write.)
 //   paged_gather(cache, block_table, lengths, max_len) -> [B, H, max_len, D]  (zeros past length)
 //   kv_reorder(cache!, index, length)                   cache[:, i] = old cache[:, index[i]]
 // CUDA implementations live in kv_cache_cuda.cu and are compiled only where CUDA exists; the
@@ -220,8 +223,9 @@ static void kv_append_cpu(at::Tensor& cache, const at::Tensor& new_kv_in, const 
 }
 
 // kv_append for keys and values at once (same positions).
+// host_check only matters on CUDA (there it costs a device-to-host sync); the CPU always checks.
 static void kv_append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
-                             const at::Tensor& v, const at::Tensor& pos) {
+                             const at::Tensor& v, const at::Tensor& pos, bool /*host_check*/) {
   check_kv_append(k_cache, k, pos);
   check_kv_append(v_cache, v, pos);
   GPTCORE_CHECK(k_cache.sizes() == v_cache.sizes() && k.sizes() == v.sizes(),
@@ -238,7 +242,8 @@ static void kv_append_kv_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at:
 // Token t of sequence b sits at logical position p = pos[b] + t, i.e. in cache block
 // block_table[b, p / block_size] at slot p % block_size.
 static void paged_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k,
-                             const at::Tensor& v, const at::Tensor& block_table, const at::Tensor& pos) {
+                             const at::Tensor& v, const at::Tensor& block_table, const at::Tensor& pos,
+                             bool /*host_check*/) {
   check_paged_append(k_cache, v_cache, k, v, block_table, pos);
   const int64_t NB = k_cache.size(0), H = k_cache.size(1), bs = k_cache.size(2);
   check_blocks_host("paged_append", block_table, pos, k.size(2), bs, NB);
@@ -314,10 +319,12 @@ static void kv_reorder_cpu(at::Tensor& cache, const at::Tensor& index, int64_t l
 
 TORCH_LIBRARY(gptcore, m) {
   m.def("kv_append(Tensor(a!) cache, Tensor new_kv, Tensor pos) -> ()");
-  m.def("kv_append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor pos) -> ()");
+  m.def(
+      "kv_append_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor pos, "
+      "bool host_check=True) -> ()");
   m.def(
       "paged_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor block_table, "
-      "Tensor pos) -> ()");
+      "Tensor pos, bool host_check=True) -> ()");
   m.def("paged_gather(Tensor cache, Tensor block_table, Tensor lengths, int max_len) -> Tensor");
   m.def("kv_reorder(Tensor(a!) cache, Tensor index, int length) -> ()");
 }

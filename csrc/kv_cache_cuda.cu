@@ -5,7 +5,7 @@
 // warp reads and writes whole 128-byte lines even when D * element_size is only 128 bytes.
 // Index arithmetic is 32-bit with precomputed magic-number division (ATen's IntDivider).
 //
-// Bounds: outside CUDA-graph capture each op first copies its small index tensors (pos,
+// Bounds: outside CUDA-graph capture (and unless host_check=False) each op first copies its small index tensors (pos,
 // block_table, lengths, index) to the host and runs the same checks as the CPU ops (one sync),
 // so a bad position or block id is a clear error and nothing is written. Under capture a host
 // read is impossible; then the caller must guarantee the bounds (gptcore.kv_cache keeps host-side
@@ -167,7 +167,7 @@ void kv_append_cuda(at::Tensor& cache, const at::Tensor& new_kv_in, const at::Te
 }
 
 void kv_append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_in,
-                       const at::Tensor& v_in, const at::Tensor& pos) {
+                       const at::Tensor& v_in, const at::Tensor& pos, bool host_check) {
   check_kv_append(k_cache, k_in, pos);
   check_kv_append(v_cache, v_in, pos);
   GPTCORE_CHECK(k_cache.sizes() == v_cache.sizes() && k_in.sizes() == v_in.sizes(),
@@ -175,16 +175,17 @@ void kv_append_kv_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tenso
               k_cache.sizes(), " / ", v_cache.sizes(), " and ", k_in.sizes(), " / ", v_in.sizes());
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
-  if (!capturing()) check_positions_host("kv_append_kv", pos, k.size(2), k_cache.size(2));
+  if (host_check && !capturing()) check_positions_host("kv_append_kv", pos, k.size(2), k_cache.size(2));
   launch_append(k_cache, &v_cache, k, &v, pos, nullptr, "kv_append_kv");
 }
 
 void paged_append_cuda(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k_in,
-                       const at::Tensor& v_in, const at::Tensor& block_table, const at::Tensor& pos) {
+                       const at::Tensor& v_in, const at::Tensor& block_table, const at::Tensor& pos,
+                       bool host_check) {
   check_paged_append(k_cache, v_cache, k_in, v_in, block_table, pos);
   const c10::cuda::CUDAGuard guard(k_cache.device());
   const at::Tensor k = rows_contiguous(k_in), v = rows_contiguous(v_in);
-  if (!capturing()) {
+  if (host_check && !capturing()) {
     check_blocks_host("paged_append", block_table, pos, k.size(2), k_cache.size(2), k_cache.size(0));
   }
   launch_append(k_cache, &v_cache, k, &v, pos, &block_table, "paged_append");

@@ -1,9 +1,9 @@
 """The triton backend's kernels as opaque torch.library custom ops, for torch.compile.
 
     from gptcore import compiled_ops                        # same signatures as gptcore.kernels.*
-    y = compiled_ops.layer_norm(x, weight, bias, eps)
-    y, h = compiled_ops.layer_norm(x, weight, bias, eps, residual=r)
-    y = compiled_ops.gelu(x, bias)
+    y = compiled_ops.layer_norm(x, weight, bias, eps, out_dtype=None)
+    y, h = compiled_ops.layer_norm(x, weight, bias, eps, residual=r, out_dtype=None)
+    y = compiled_ops.gelu(x, bias, out_dtype=None)
     o = compiled_ops.attention(q, k, v, causal=True, dropout_p=0.0, scale=None, seed=None)
 
 Why: dynamo cannot trace a Triton launcher's host side (it stops at Triton's argument
@@ -14,9 +14,9 @@ autograd sees a registered backward that is itself a custom op, and Inductor fus
 ops around the kernels. torch.compile(..., fullgraph=True) traces a whole training step.
 
 Ops (namespace gptcore; the launchers run unchanged inside them):
-  layer_norm(x, weight?, bias?, eps)               -> y, mean, rstd       (gelu, layer_norm: via
-  gelu(x, bias?)                                   -> y                    custom_ops.autograd_op)
-  add_layer_norm(x, residual, weight?, bias?, eps) -> y, h, mean, rstd
+  layer_norm(x, weight?, bias?, eps, out_dtype?)   -> y, mean, rstd       (gelu, layer_norm: via
+  gelu(x, bias?, out_dtype?)                       -> y                    custom_ops.autograd_op)
+  add_layer_norm(x, residual, weight?, bias?, eps, out_dtype?) -> y, h, mean, rstd
   attention(q, k, v, causal, dropout_p, scale, seed?) -> o, lse
 add_layer_norm and attention register their autograd directly: their backward reads a result
 (h, o), and add_layer_norm's backward must not keep x and residual alive (only h) and returns
@@ -67,21 +67,22 @@ def _empty_or_like(p: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 # ---- LayerNorm without residual ---------------------------------------------------------------
-def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x (..., N) -> y (x's shape and dtype), mean, rstd (M,) fp32."""
-    y, _, mean, rstd = _ln._forward(as_rows(x), None, _vec(weight), _vec(bias), eps, x.shape, x.dtype)
+def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., N) -> y (x's shape, out_dtype or x's dtype), mean, rstd (M,) fp32."""
+    y, _, mean, rstd = _ln._forward(as_rows(x), None, _vec(weight), _vec(bias), eps, x.shape, x.dtype, out_dtype)
     return y, mean, rstd
 
 
-def _ln_fwd_fake(x, weight, bias, eps):
-    _ln._check(x, weight, bias, None)
+def _ln_fwd_fake(x, weight, bias, eps, out_dtype):
+    _ln._check(x, weight, bias, None, out_dtype)
     m = math.prod(x.shape[:-1])
     f32 = dict(dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(m, **f32), x.new_empty(m, **f32)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty(m, **f32), x.new_empty(m, **f32)
 
 
-def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mean: Tensor,
-            rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            out_dtype: Optional[torch.dtype], mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx (x's shape and dtype), d weight, d bias (their dtypes; (0,) when absent)."""
     bias_dtype = None if bias is None else bias.dtype
     dx, _, dw, db = _ln._backward(as_rows(dy), None, as_rows(x), _vec(weight), bias_dtype, mean, rstd, x.shape,
@@ -89,7 +90,7 @@ def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     return dx, _or_empty(dw, x), _or_empty(db, x)
 
 
-def _ln_bwd_fake(dy, x, weight, bias, eps, mean, rstd):
+def _ln_bwd_fake(dy, x, weight, bias, eps, out_dtype, mean, rstd):
     return x.new_empty(x.shape), _empty_or_like(weight, x), _empty_or_like(bias, x)
 
 
@@ -100,18 +101,19 @@ _layer_norm = autograd_op("gptcore::layer_norm", _ln_fwd, _ln_bwd, n_outputs=1, 
 # ---- LayerNorm of x + residual: returns (y, h) ---------------------------------------------------
 @torch.library.custom_op("gptcore::add_layer_norm", mutates_args=())
 def _add_ln_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h = x + residual (promoted dtype), y = LN(h): -> y, h (x's shape), mean, rstd (M,) fp32."""
+                eps: float, out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + residual (promoted dtype), y = LN(h) (out_dtype or h's): -> y, h (x's shape), mean,
+    rstd (M,) fp32."""
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype)
+    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype, out_dtype)
 
 
 @_add_ln_fwd.register_fake
-def _(x, residual, weight, bias, eps):
-    _ln._check(x, weight, bias, residual)
+def _(x, residual, weight, bias, eps, out_dtype):
+    _ln._check(x, weight, bias, residual, out_dtype)
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
     m = math.prod(x.shape[:-1])
-    return (x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=h_dtype),
+    return (x.new_empty(x.shape, dtype=out_dtype or h_dtype), x.new_empty(x.shape, dtype=h_dtype),
             x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
 
 
@@ -134,7 +136,7 @@ def _(dy, dh, h, weight, bias, mean, rstd, x_dtype, res_dtype):
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, bias, _eps = inputs
+    x, residual, weight, bias, _eps, _out_dtype = inputs
     _y, h, mean, rstd = output
     ctx.save_for_backward(h, weight, bias, mean, rstd)  # LN's input is h: x and residual are not kept
     ctx.dtypes = (x.dtype, residual.dtype)
@@ -145,7 +147,7 @@ def _add_ln_setup(ctx, inputs, output):
 def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     if dy is None:
         dy = torch.zeros_like(h)
     dx, dres, dw, db = _add_ln_bwd(dy, dh, h, weight, bias, mean, rstd, *ctx.dtypes)
@@ -153,44 +155,40 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
         dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
     need = ctx.needs_input_grad
     return (dx, dres, dw if weight is not None and need[2] else None, db if bias is not None and need[3] else None,
-            None)
+            None, None)
 
 
 _add_ln_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
-def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):
     """gptcore.kernels.layer_norm.layer_norm as custom ops: y, or (y, x + residual) with a residual."""
     if not torch.compiler.is_compiling():
-        _ln._check(x, weight, bias, residual)
+        _ln._check(x, weight, bias, residual, out_dtype)
     if residual is None:
-        return _layer_norm(x, weight, bias, float(eps))
-    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps))
+        return _layer_norm(x, weight, bias, float(eps), out_dtype)
+    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps), out_dtype)
     return y, h
 
 
 # ---- GELU -------------------------------------------------------------------------------------
-def _gelu_dtype(x: Tensor, bias: Optional[Tensor]) -> torch.dtype:
-    return x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
+def _gelu_fwd(x: Tensor, bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
+    """gelu_tanh(x + bias): x's shape, out_dtype or the dtype of x + bias."""
+    return _gelu._forward(as_rows(x), _vec(bias), x.shape, _gelu.out_dtype_of(x, bias, out_dtype))
 
 
-def _gelu_fwd(x: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """gelu_tanh(x + bias): x's shape, the dtype of x + bias."""
-    return _gelu._forward(as_rows(x), _vec(bias), x.shape, _gelu_dtype(x, bias))
+def _gelu_fwd_fake(x, bias, out_dtype):
+    _gelu._check(x, bias, out_dtype)
+    return x.new_empty(x.shape, dtype=_gelu.out_dtype_of(x, bias, out_dtype))
 
 
-def _gelu_fwd_fake(x, bias):
-    _gelu._check(x, bias)
-    return x.new_empty(x.shape, dtype=_gelu_dtype(x, bias))
-
-
-def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
     """-> dx (x's shape and dtype), d bias (bias's dtype; (0,) without a bias)."""
     dx, db = _gelu._backward(as_rows(dy), as_rows(x), _vec(bias), x.shape, x.dtype)
     return dx, _or_empty(db, x)
 
 
-def _gelu_bwd_fake(dy, x, bias):
+def _gelu_bwd_fake(dy, x, bias, out_dtype):
     return x.new_empty(x.shape), _empty_or_like(bias, x)
 
 
@@ -198,18 +196,19 @@ _gelu_op = autograd_op("gptcore::gelu", _gelu_fwd, _gelu_bwd, n_outputs=1, forwa
                        backward_fake=_gelu_bwd_fake)
 
 
-def gelu(x, bias=None):
+def gelu(x, bias=None, out_dtype=None):
     """gptcore.kernels.gelu.gelu as a custom op: gelu_tanh(x + bias)."""
     if not torch.compiler.is_compiling():
-        _gelu._check(x, bias)
-    return _gelu_op(x, bias)
+        _gelu._check(x, bias, out_dtype)
+    return _gelu_op(x, bias, out_dtype)
 
 
 # ---- attention ------------------------------------------------------------------------------------
 @torch.library.custom_op("gptcore::attention", mutates_args=())
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float,
               seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """q (B, H, Tq, D), k, v (B, H, Tk, D) -> o (B, H, Tq, D) q's dtype, lse (B, H, Tq) fp32."""
+    """q (B, H, Tq, D), k, v (B, H, Tk, D) -> o (B, H, Tq, D) q's dtype ((B, Tq, H, D) in memory),
+    lse (B, H, Tq) fp32."""
     q, k, v = (_attn._last_dim_contiguous(t) for t in (q, k, v))
     return _attn._forward(q, k, v, causal, dropout_p, scale, 0 if seed is None else int(seed))
 
@@ -217,7 +216,9 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, s
 @_attn_fwd.register_fake
 def _(q, k, v, causal, dropout_p, scale, seed):
     _attn._check_inputs(q, k, v, causal, dropout_p, scale)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    B, H, Tq, D = q.shape
+    o = q.new_empty((B, Tq, H, D)).transpose(1, 2)  # the kernel's layout (kernels.attention.out_layout)
+    return o, q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("gptcore::attention_backward", mutates_args=())

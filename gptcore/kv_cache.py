@@ -277,7 +277,7 @@ class KVCache(_Cache):
 
     def _store(self, layer: int, k, v) -> None:
         kc, vc = self._layer(layer)
-        self._ops.kv_append_kv(kc, vc, k, v, self._write[: self.batch_size])
+        self._ops.kv_append_kv(kc, vc, k, v, self._write[: self.batch_size], False)  # bounds: reserve()
 
     def _read(self, layer: int, n: int):
         kc, vc = self._layer(layer)
@@ -336,7 +336,7 @@ class PagedKVCache(_Cache):
     def _store(self, layer: int, k, v) -> None:
         kc, vc = self._layer(layer)
         B = self.batch_size
-        self._ops.paged_append(kc, vc, k, v, self.block_table[:B], self._write[:B])
+        self._ops.paged_append(kc, vc, k, v, self.block_table[:B], self._write[:B], False)  # bounds: reserve()
 
     def _read(self, layer: int, n: int):
         kc, vc = self._layer(layer)

@@ -102,9 +102,13 @@ class Block(nn.Module):
 
 
 def _add_ln(branch, resid, ln: nn.LayerNorm, ops: Ops):
+    # Under autocast the LN output feeds a Linear that would cast it to the autocast dtype first:
+    # asking for that dtype here saves the cast (and its backward), the residual stream stays fp32.
+    dev = resid.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     if branch is None:
-        return ops.layer_norm(resid, ln.weight, ln.bias, ln.eps), resid
-    return ops.layer_norm(branch, ln.weight, ln.bias, ln.eps, residual=resid)
+        return ops.layer_norm(resid, ln.weight, ln.bias, ln.eps, out_dtype=out_dtype), resid
+    return ops.layer_norm(branch, ln.weight, ln.bias, ln.eps, residual=resid, out_dtype=out_dtype)
 
 
 class GPT(nn.Module):

@@ -8,7 +8,8 @@ Backends (DESIGN.md):
              (under torch.compile as opaque custom ops: gptcore.compiled_ops)
 
 Every op has the same signature in every backend:
-  layer_norm(x, weight, bias, eps, residual=None) -> y  or (y, x + residual)
+  layer_norm(x, weight, bias, eps, residual=None, out_dtype=None)
+                                                 -> y  or (y, x + residual); y in out_dtype if given
   fc_gelu(x, weight, bias)                       -> gelu_tanh(x @ weight.T + bias)
   attention(q, k, v, causal, dropout_p, scale)   -> (B, H, Tq, D); causal aligns queries to the
                                                     end of the keys when Tq < Tk
@@ -32,11 +33,15 @@ BACKENDS = ("reference", "torch", "triton")
 
 
 # ---- torch backend: PyTorch's fused ops -----------------------------------------------------
-def _torch_layer_norm(x, weight, bias, eps=1e-5, residual=None):
+def _cast(y, dtype):
+    return y if dtype is None else y.to(dtype)
+
+
+def _torch_layer_norm(x, weight, bias, eps=1e-5, residual=None, out_dtype=None):
     if residual is None:
-        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        return _cast(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), out_dtype)
     h = x + residual
-    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps), h
+    return _cast(F.layer_norm(h, (h.shape[-1],), weight, bias, eps), out_dtype), h
 
 
 def _torch_fc_gelu(x, weight, bias):
@@ -52,8 +57,8 @@ def _torch_attention(q, k, v, causal=True, dropout_p=0.0, scale=None):
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p, scale=scale)
 
 
-def _torch_gelu(x, bias=None):
-    return F.gelu(x if bias is None else x + bias, approximate="tanh")
+def _torch_gelu(x, bias=None, out_dtype=None):
+    return _cast(F.gelu(x if bias is None else x + bias, approximate="tanh"), out_dtype)
 
 
 # ---- reference backend ------------------------------------------------------------------------
@@ -143,7 +148,10 @@ def get_ops(backend: str) -> Ops:
         gelu = impl["gelu"]
 
         def fc_gelu(x, weight, bias):
-            return gelu(F.linear(x, weight), bias)
+            h = F.linear(x, weight)
+            # the result in the Linear's dtype, as F.linear(x, weight, bias) would give: under
+            # autocast bf16 (not bf16 + fp32 bias = fp32, which the next Linear casts back)
+            return gelu(h, bias, out_dtype=h.dtype)
 
         rep["fc_gelu"] = "torch F.linear + " + ("triton gelu(bias)" if rep["gelu"] == "triton" else rep["gelu"])
         return Ops("triton", impl["layer_norm"], fc_gelu, gelu, impl["attention"], rep)

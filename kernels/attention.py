@@ -590,6 +590,12 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def out_layout(B: int, H: int, T: int, D: int, dtype, device) -> torch.Tensor:
+    """An empty (B, H, T, D) output laid out as (B, T, H, D) in memory: the model's
+    o.transpose(1, 2).reshape(B, T, H * D) is then a view, not a copy of the whole output."""
+    return _alloc((B, T, H, D), dtype, device).transpose(1, 2)
+
+
 def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is Triton's default; 16-bit dots ignore it
 
@@ -606,7 +612,7 @@ def _operands(tma: bool, tensors_and_rows):
 def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = _alloc((B, H, Tq, D), q.dtype, q.device)
+    o = out_layout(B, H, Tq, D, q.dtype, q.device)
     lse = _alloc((B, H, Tq), torch.float32, q.device)
     drop_scale = 1.0 / (1.0 - p_drop)
     tma_ok = _tma_ok(q, k, v, o)

@@ -4,7 +4,8 @@ This is the inner step of gptcore.loss.linear_cross_entropy (the chunked LM head
 chunk of rows it turns logits (n, V) into p - onehot(target) in place, in the logits' own dtype,
 and writes each row's loss -log softmax(x)[target] in fp32. All arithmetic is fp32. One program
 per row, two passes over the row (an online max/sum-of-exp pass, then the gradient pass), so the
-chunk costs two reads and one write of bf16 logits and no fp32 copy of them.
+chunk costs two reads (the second mostly from L2) and one write of bf16 logits and no fp32 copy
+of them.
 
     ce_rows_(logits, target, ignore_index, loss)     # launcher; the public entry point
 
@@ -37,15 +38,19 @@ def _ce_rows_kernel(
     y = tl.load(TARGET + row)
     offs = tl.arange(0, BLOCK)
 
-    # Pass 1: running max m and sum s of exp(x - m) over the row.
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
+    # Pass 1: running max and sum of exp(x - max), kept per lane (BLOCK of each) so the loop has
+    # no cross-warp reduction and its loads overlap; the lanes are merged once at the end.
+    m_vec = tl.full((BLOCK,), float("-inf"), tl.float32)
+    s_vec = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + offs
         x = tl.load(ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-        m = m_new
+        m_new = tl.maximum(m_vec, x)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a lane with nothing yet stays s = 0
+        s_vec = s_vec * tl.exp(m_vec - m_ref) + tl.exp(x - m_ref)
+        m_vec = m_new
+    m = tl.max(m_vec, axis=0)
+    s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
     lse = m + tl.log(s)
 
     ignored = y == ignore_index

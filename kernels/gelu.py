@@ -16,7 +16,8 @@ row runs accumulates d bias in fp32 registers and writes one (N,) partial per ro
 (programs, N) buffer that one small kernel (_rows.sum_partials) sums in a fixed order: no
 atomics, bit-identical from run to run.
 
-Limits: float32/float16/bfloat16 (any mix of x and bias; y has the dtype of x + bias); any
+Limits: float32/float16/bfloat16 (any mix of x and bias; y has the dtype of x + bias, or the
+out_dtype asked for: the MLP under autocast asks for its Linear's bf16, so no cast follows); any
 shape, leading dims flattened; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. A tensor
 whose last dim is not unit-stride (or cannot be flattened to one row stride) is copied once.
 
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs, sum_partials
+from gptcore.kernels._rows import SUPPORTED_DTYPES, as_rows, check_tensor, persistent_programs, sum_partials
 
 _TILE = 4096  # elements per program tile
 _MAX_BLOCK_N = 1024  # widest column block; wider rows span several programs
@@ -165,10 +166,9 @@ def _backward(dy2, x2, bias, out_shape, dx_dtype):
 
 class _Gelu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias):
+    def forward(ctx, x, bias, out_dtype):
         x2 = as_rows(x)
         bias = bias.contiguous() if bias is not None else None  # the kernels index it as (N,)
-        out_dtype = x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
         y = _forward(x2, bias, x.shape, out_dtype)
         ctx.save_for_backward(x2, bias)
         ctx.shape = x.shape
@@ -178,10 +178,17 @@ class _Gelu(torch.autograd.Function):
     def backward(ctx, dy):
         x2, bias = ctx.saved_tensors
         dx, db = _backward(as_rows(dy), x2, bias, ctx.shape, x2.dtype)
-        return dx, db if ctx.needs_input_grad[1] else None
+        return dx, db if ctx.needs_input_grad[1] else None, None
 
 
-def _check(x, bias) -> None:
+def out_dtype_of(x, bias, out_dtype=None) -> torch.dtype:
+    """The result's dtype: out_dtype if given, else that of x + bias."""
+    if out_dtype is not None:
+        return out_dtype
+    return x.dtype if bias is None else torch.promote_types(x.dtype, bias.dtype)
+
+
+def _check(x, bias, out_dtype=None) -> None:
     op = "gptcore gelu"
     check_tensor(x, "x", op)
     if x.dim() == 0:
@@ -192,9 +199,13 @@ def _check(x, bias) -> None:
             raise ValueError(
                 f"{op}: bias must have shape ({x.shape[-1]},) to broadcast over x's rows, got {tuple(bias.shape)}"
             )
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
 
 
-def gelu(x, bias=None):
-    """gelu_tanh(x + bias) in one pass (bias (N,) optional). Same signature as ``gelu_ref``."""
-    _check(x, bias)
-    return _Gelu.apply(x, bias)
+def gelu(x, bias=None, out_dtype=None):
+    """gelu_tanh(x + bias) in one pass (bias (N,) optional), stored in out_dtype (default: the dtype
+    of x + bias; under autocast the MLP asks for its Linear's output dtype, so no cast follows).
+    Same signature as ``gelu_ref``."""
+    _check(x, bias, out_dtype)
+    return _Gelu.apply(x, bias, out_dtype_of(x, bias, out_dtype))

@@ -21,7 +21,9 @@ Limits and layout:
   wider rows raise an error naming the limit); any number of rows; leading dims flattened.
   Tuned for N <= 8192; above that the backward spills registers to local memory (correct, slower).
 - float32, float16, bfloat16 inputs, any mix among x, residual, weight, bias. h and y have the
-  dtype of x + residual (x's dtype without residual); dweight/dbias have the parameter's dtype.
+  dtype of x + residual (x's dtype without residual); ``out_dtype`` gives y another (the model
+  asks for autocast's dtype: the next Linear then needs no cast, and dy arrives in it);
+  dweight/dbias have the parameter's dtype.
 - CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 - Inputs are read in place through a row stride; a tensor whose last dim is not unit-stride, or
   whose leading dims cannot be flattened to one row stride, is copied once (.contiguous()).
@@ -37,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._rows import as_rows, check_tensor, persistent_programs, sum_partials
+from gptcore.kernels._rows import SUPPORTED_DTYPES, as_rows, check_tensor, persistent_programs, sum_partials
 
 MAX_WIDTH = 16384  # widest row (elements) one program normalises in registers
 # Elements per program tile: rows are stacked until a tile holds about this many. 2048 won a sweep of
@@ -201,11 +203,12 @@ def bwd_config(n: int) -> LaunchConfig:
     return dataclasses.replace(c, num_warps=max(4, c.num_warps), programs_per_sm=4 if c.block_n <= 2048 else 2)
 
 
-def _forward(x2, r2, weight, bias, eps: float, out_shape, h_dtype):
-    """x2, r2: (M, N) row views -> y (out_shape), h (out_shape or None), mean, rstd (M,) fp32."""
+def _forward(x2, r2, weight, bias, eps: float, out_shape, h_dtype, y_dtype=None):
+    """x2, r2: (M, N) row views -> y (out_shape, y_dtype or h_dtype), h (out_shape or None), mean,
+    rstd (M,) fp32."""
     M, N = x2.shape
     dev = x2.device
-    y = torch.empty(out_shape, dtype=h_dtype, device=dev)
+    y = torch.empty(out_shape, dtype=y_dtype or h_dtype, device=dev)
     h = torch.empty(out_shape, dtype=h_dtype, device=dev) if r2 is not None else None
     mean = torch.empty(M, dtype=torch.float32, device=dev)
     rstd = torch.empty(M, dtype=torch.float32, device=dev)
@@ -264,13 +267,13 @@ def _backward(dy2, dh2, x2, weight, bias_dtype, mean, rstd, out_shape, dx_dtype,
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps):
+    def forward(ctx, x, weight, bias, residual, eps, out_dtype):
         x2 = as_rows(x)
         r2 = as_rows(residual) if residual is not None else None
         weight = weight.contiguous() if weight is not None else None  # kernels index them as (N,)
         bias = bias.contiguous() if bias is not None else None
         h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-        y, h, mean, rstd = _forward(x2, r2, weight, bias, eps, x.shape, h_dtype)
+        y, h, mean, rstd = _forward(x2, r2, weight, bias, eps, x.shape, h_dtype, out_dtype)
         # The backward needs LN's input: x itself, or the h this kernel just wrote.
         ctx.save_for_backward(x2 if h is None else h, weight, mean, rstd)
         ctx.set_materialize_grads(False)
@@ -284,7 +287,7 @@ class _LayerNorm(torch.autograd.Function):
     def backward(ctx, dy, dh=None):
         x2, weight, mean, rstd = ctx.saved_tensors
         if dy is None and dh is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         x2 = x2.reshape(-1, x2.shape[-1])  # saved h has x's shape; saved x rows are already 2-D
         dy2 = torch.zeros_like(x2) if dy is None else as_rows(dy)
         dh2 = None if dh is None else as_rows(dh)
@@ -293,10 +296,10 @@ class _LayerNorm(torch.autograd.Function):
         )
         if ctx.res_dtype is not None and dres is None:
             dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
-        return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, dres, None
+        return dx, dw if ctx.needs_input_grad[1] else None, db if ctx.needs_input_grad[2] else None, dres, None, None
 
 
-def _check(x, weight, bias, residual) -> None:
+def _check(x, weight, bias, residual, out_dtype=None) -> None:
     op = "gptcore layer_norm"
     check_tensor(x, "x", op)
     if x.dim() == 0:
@@ -316,10 +319,13 @@ def _check(x, weight, bias, residual) -> None:
         check_tensor(residual, "residual", op, x.device)
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
 
 
-def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None):
+def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):
     """LayerNorm of x's last dim (weight, bias may be None); with ``residual`` returns
-    (LN(x + residual), x + residual) from one kernel. Same signature as ``layer_norm_ref``."""
-    _check(x, weight, bias, residual)
-    return _LayerNorm.apply(x, weight, bias, residual, float(eps))
+    (LN(x + residual), x + residual) from one kernel. out_dtype: y's dtype (default: that of x,
+    or of x + residual; h keeps that one). Same signature as ``layer_norm_ref``."""
+    _check(x, weight, bias, residual, out_dtype)
+    return _LayerNorm.apply(x, weight, bias, residual, float(eps), out_dtype)

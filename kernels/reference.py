@@ -13,10 +13,11 @@ import torch
 GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def layer_norm_ref(x, weight, bias, eps: float = 1e-5, residual=None):
+def layer_norm_ref(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):
     """LayerNorm over the last dim from the mean and (biased) variance.
 
-    With ``residual``: h = x + residual; returns (layer_norm(h), h).
+    With ``residual``: h = x + residual; returns (layer_norm(h), h). out_dtype: the normalised
+    output's dtype (default: h's); h keeps its own.
     """
     h = x if residual is None else x + residual
     mean = h.mean(dim=-1, keepdim=True)
@@ -26,13 +27,18 @@ def layer_norm_ref(x, weight, bias, eps: float = 1e-5, residual=None):
         y = y * weight
     if bias is not None:
         y = y + bias
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     return y if residual is None else (y, h)
 
 
-def gelu_ref(x, bias=None):
-    """GPT-2's tanh-approximation GELU of (x + bias): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3)))."""
+def gelu_ref(x, bias=None, out_dtype=None):
+    """GPT-2's tanh-approximation GELU of (x + bias): 0.5 z (1 + tanh(sqrt(2/pi) (z + 0.044715 z^3))).
+
+    out_dtype: the result's dtype (default: that of x + bias)."""
     z = x if bias is None else x + bias
-    return 0.5 * z * (1.0 + torch.tanh(GELU_C * (z + 0.044715 * z**3)))
+    y = 0.5 * z * (1.0 + torch.tanh(GELU_C * (z + 0.044715 * z**3)))
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:

@@ -129,8 +129,11 @@ def test_non_contiguous_inputs_like_the_model():
     q, k, v = qkv.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
     assert not q.is_contiguous()
     out = attention(q, k, v, causal=True)
-    # the model's (B, H, T, D) -> (B, T, H*D) reshape makes the incoming gradient non-contiguous too
+    # the output lives in (B, T, H, D) memory, so the model's (B, H, T, D) -> (B, T, H*D) reshape
+    # is a view (no copy); the incoming gradient then reaches the kernel non-contiguous
+    assert out.transpose(1, 2).is_contiguous()
     y = out.transpose(1, 2).reshape(B, T, H * D)
+    assert y.data_ptr() == out.data_ptr()
     dy = _randn(y.shape, dtype, seed=1)
     (dqkv,) = torch.autograd.grad(y, qkv, dy)
 

@@ -63,18 +63,20 @@ def _assert_equal(got, want):
         (f16, f16, f32, False, False, True),
     ],
 )
-def test_layer_norm_op_matches_kernel(poisoned, x_dtype, res_dtype, p_dtype, has_w, has_b, use_h):
+@pytest.mark.parametrize("y_dtype", [None, f16], ids=["y_default", "y_f16"])
+def test_layer_norm_op_matches_kernel(poisoned, x_dtype, res_dtype, p_dtype, has_w, has_b, use_h, y_dtype):
     M, N = (5, 3), 40
     x = torch.randn(*M, N, device=DEV, dtype=x_dtype)
     r = None if res_dtype is None else torch.randn(*M, N, device=DEV, dtype=res_dtype)
     w = torch.randn(N, device=DEV, dtype=p_dtype) if has_w else None
     b = torch.randn(N, device=DEV, dtype=p_dtype) if has_b else None
     out_dtype = x_dtype if r is None else torch.promote_types(x_dtype, res_dtype)
-    gy, gh = (torch.randn(*M, N, device=DEV, dtype=out_dtype) for _ in range(2))
+    gy = torch.randn(*M, N, device=DEV, dtype=y_dtype or out_dtype)
+    gh = torch.randn(*M, N, device=DEV, dtype=out_dtype)
 
     def run(fn):
         xs, ws, bs, rs = leaves = _leaves(x, w, b, r)
-        out = fn(xs, ws, bs, 1e-5, residual=rs)
+        out = fn(xs, ws, bs, 1e-5, residual=rs, out_dtype=y_dtype)
         if rs is None:
             return _outs_and_grads([out], [gy], leaves)
         y, h = out
@@ -86,14 +88,16 @@ def test_layer_norm_op_matches_kernel(poisoned, x_dtype, res_dtype, p_dtype, has
 
 @pytest.mark.parametrize("bias_dtype", [None, f32, f16])
 @pytest.mark.parametrize("x_dtype", [f32, f16])
-def test_gelu_op_matches_kernel(poisoned, x_dtype, bias_dtype):
+@pytest.mark.parametrize("y_dtype", [None, f16], ids=["y_default", "y_f16"])
+def test_gelu_op_matches_kernel(poisoned, x_dtype, bias_dtype, y_dtype):
     x = torch.randn(24, 6, device=DEV, dtype=x_dtype).t()  # (6, 24), strided: as_rows copies it
     b = None if bias_dtype is None else torch.randn(24, device=DEV, dtype=bias_dtype)
-    gy = torch.randn(6, 24, device=DEV, dtype=x_dtype if b is None else torch.promote_types(x_dtype, bias_dtype))
+    default = x_dtype if b is None else torch.promote_types(x_dtype, bias_dtype)
+    gy = torch.randn(6, 24, device=DEV, dtype=y_dtype or default)
 
     def run(fn):
         xs, bs = leaves = _leaves(x, b)
-        return _outs_and_grads([fn(xs, bs)], [gy], leaves)
+        return _outs_and_grads([fn(xs, bs, out_dtype=y_dtype)], [gy], leaves)
 
     _assert_equal(run(compiled_ops.gelu), run(gelu))
 
@@ -153,14 +157,17 @@ def _opcheck_cases():
     seed = torch.tensor([3])
     g = torch.ops.gptcore
     return {
-        "layer_norm": (g.layer_norm, (x, w, b, 1e-5)),
-        "layer_norm_no_params": (g.layer_norm, (x, None, None, 1e-5)),
-        "add_layer_norm": (g.add_layer_norm, (x, r.half(), w, None, 1e-5)),
-        "gelu": (g.gelu, (x, b)),
+        "layer_norm": (g.layer_norm, (x, w, b, 1e-5, None)),
+        "layer_norm_no_params": (g.layer_norm, (x, None, None, 1e-5, None)),
+        "layer_norm_out_dtype": (g.layer_norm, (x, w, b, 1e-5, f16)),
+        "add_layer_norm": (g.add_layer_norm, (x, r.half(), w, None, 1e-5, None)),
+        "add_layer_norm_out_dtype": (g.add_layer_norm, (x, r, w, b, 1e-5, f16)),
+        "gelu": (g.gelu, (x, b, None)),
+        "gelu_out_dtype": (g.gelu, (x, b, f16)),
         "attention": (g.attention, (q, k, v, True, 0.3, 0.25, seed)),
-        "layer_norm_backward": (g.layer_norm_backward, (r, x, w, None, 1e-5, mean, rstd)),
+        "layer_norm_backward": (g.layer_norm_backward, (r, x, w, None, 1e-5, None, mean, rstd)),
         "add_layer_norm_backward": (g.add_layer_norm_backward, (r, None, x, w, b, mean, rstd, f16, f32)),
-        "gelu_backward": (g.gelu_backward, (r, x, None)),
+        "gelu_backward": (g.gelu_backward, (r, x, None, None)),
         "attention_backward": (g.attention_backward, (torch.randn_like(q), q, k, v, o, lse, False, 0.0, 0.25, None)),
     }
 

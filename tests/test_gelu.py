@@ -84,6 +84,35 @@ def test_mixed_dtypes(poisoned):
     _check_all(x, b, "bf16 x + fp32 bias")
 
 
+def _assert_rounded_once(y, y32, dtype):
+    """y is y32 rounded to dtype: exactly on a GPU; within one ulp under the interpreter, whose
+    float32 -> bfloat16 conversion truncates instead of rounding to nearest."""
+    if ON_GPU or dtype != torch.bfloat16:
+        assert torch.equal(y, y32.to(dtype))
+    else:
+        ulp = torch.finfo(dtype).eps * y32.abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((y.float() - y32).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16], ids=str)
+def test_out_dtype(poisoned, out):
+    """out_dtype (the MLP asks for its Linear's dtype under autocast): bf16 x + fp32 bias gives
+    the fp32 result rounded once to out_dtype; the gradients equal those for dy given in fp32,
+    d bias stays fp32."""
+    x = torch.randn(37, 768, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(768, device=DEV)
+    gy = torch.randn(37, 768, device=DEV).to(out)
+    fast = _run(lambda x, b: gelu(x, b, out_dtype=out), x, bias, gy)
+    full = _run(gelu, x, bias, gy.float())
+    twin = gelu_ref(x, bias, out_dtype=out)
+    assert fast["y"].dtype == twin.dtype == out and full["y"].dtype == torch.float32
+    _assert_rounded_once(fast["y"], full["y"], out)
+    assert fast["dx"].dtype == torch.bfloat16 and fast["dbias"].dtype == torch.float32
+    assert torch.equal(fast["dx"], full["dx"]) and torch.equal(fast["dbias"], full["dbias"])
+    with pytest.raises(TypeError, match="out_dtype must be float32, float16 or bfloat16"):
+        gelu(x, bias, out_dtype=torch.int32)
+
+
 def test_leading_dims_and_strides_match_contiguous(poisoned):
     """(B, T, C) inputs laid out as a row-strided slice (read in place) or transposed (copied once),
     with a strided bias, give bit-identical results to the same data laid out contiguously."""

@@ -287,3 +287,32 @@ def test_ops_replay_in_a_cuda_graph_and_never_write_out_of_bounds():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(big, before) and torch.equal(pk, before_p)
+
+
+def test_append_without_host_check(device):
+    """host_check=False (what gptcore.kv_cache passes: its host shadows guarantee the bounds)
+    writes like the checked op; on CUDA it skips the host read (no sync) and the kernel drops an
+    out-of-bounds write, on the CPU the check is free and still runs."""
+    B, H, T, D = 2, 2, 8, 4
+    kc, vc = torch.zeros(B, H, T, D, device=device), torch.zeros(B, H, T, D, device=device)
+    k, v = _rand(B, H, 1, D, device=device), _rand(B, H, 1, D, device=device)
+    pos = torch.tensor([3, 7], device=device)
+    ops.kv_append_kv(kc, vc, k, v, pos, False)
+    assert torch.equal(kc, loop_append(torch.zeros_like(kc), k, pos))
+    assert torch.equal(vc, loop_append(torch.zeros_like(vc), v, pos))
+    pk, pv, table = _paged_setup(B, H, 4, D, 4, torch.float32, device)
+    ek = loop_paged_append(pk, k, table, pos)
+    ops.paged_append(pk, pv, k, v, table, pos, False)
+    assert torch.equal(pk, ek)
+    bad = torch.tensor([T, 0], device=device)
+    before = kc.clone()
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="the cache holds 8 positions"):
+            ops.kv_append_kv(kc, vc, k, v, bad, False)
+        assert torch.equal(kc, before)
+    else:
+        ops.kv_append_kv(kc, vc, k, v, bad, False)
+        torch.cuda.synchronize()
+        expect = before.clone()
+        expect[1, :, 0] = k[1, :, 0]  # sequence 1 is in bounds; sequence 0's write is dropped
+        assert torch.equal(kc, expect)

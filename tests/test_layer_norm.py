@@ -11,6 +11,8 @@ interpreter on small shapes; on a GPU the same tests run the full list.
 
     python -m pytest -q tests/test_layer_norm.py
 """
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -120,6 +122,37 @@ def test_mixed_dtypes(poisoned):
     r = torch.randn(37, 768, device=DEV, dtype=torch.float32)
     _check_all(x, w, b, r, torch.float32, "bf16 x + fp32 residual")
     _check_all(x, w, b, None, torch.bfloat16, "bf16 x, fp32 weight")
+
+
+def _assert_rounded_once(y, y32, dtype):
+    """y is y32 rounded to dtype: exactly on a GPU; within one ulp under the interpreter, whose
+    float32 -> bfloat16 conversion truncates instead of rounding to nearest."""
+    if ON_GPU or dtype != torch.bfloat16:
+        assert torch.equal(y, y32.to(dtype))
+    else:
+        ulp = torch.finfo(dtype).eps * y32.abs().clamp_min(torch.finfo(dtype).tiny)
+        assert ((y.float() - y32).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_out_dtype(poisoned, out, with_residual):
+    """out_dtype (what the model asks for under autocast): y is the same fp32 result rounded once
+    to out_dtype, h keeps its own dtype, and the gradients equal those for dy given in fp32."""
+    x, w, b, r = _inputs(37, 768, torch.float32, with_residual)
+    gy = torch.randn(37, 768, device=DEV).to(out)
+    gh = torch.randn(37, 768, device=DEV) if with_residual else None
+    fast = _run(functools.partial(layer_norm, out_dtype=out), x, w, b, r, gy, gh)
+    full = _run(layer_norm, x, w, b, r, gy.float(), gh)
+    twin = _run(functools.partial(layer_norm_ref, out_dtype=out), x, w, b, r, gy, gh)
+    assert fast["y"].dtype == twin["y"].dtype == out
+    _assert_rounded_once(fast["y"], full["y"], out)
+    for name in full:
+        if name != "y":
+            assert fast[name].dtype == full[name].dtype, name
+            assert torch.equal(fast[name], full[name]), name
+    with pytest.raises(TypeError, match="out_dtype must be float32, float16 or bfloat16"):
+        layer_norm(x, w, b, out_dtype=torch.int8)
 
 
 def test_leading_dims_and_strides_match_contiguous(poisoned):
