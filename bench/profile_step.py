@@ -7,7 +7,8 @@
 torch.profiler records a few steps after a warm-up. Rows: every kernel name with its calls and
 device time per step, its share of the step, and a category (matmul, attention, layernorm, gelu,
 cross-entropy, optimizer, elementwise, ...); then a per-category summary and the step's wall time
-beside the sum of its kernel times (wall >> kernels means the host, not the GPU, sets the pace).
+beside the sum of its kernel times (wall >> kernels means the host, not the GPU, sets the pace),
+and the host-side ops with the most self CPU time (where a host-bound step spends it).
 JSON: bench/results/profile-<what>-<gpu>-<date>.json via bench.harness.write_json.
 Needs a CUDA GPU.
 """
@@ -59,8 +60,13 @@ def _profile(step, steps: int) -> tuple[list[dict], float, float]:
             step()
         torch.cuda.synchronize()
     acc: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    host: dict[str, list] = defaultdict(lambda: [0, 0.0])
     for e in prof.events():
         if e.device_type != torch.autograd.DeviceType.CUDA:
+            host[e.name][0] += 1
+            host[e.name][1] += e.self_cpu_time_total
+            continue
+        if e.name.startswith(("Optimizer.", "ProfilerStep")):  # GPU-side annotations, not kernels
             continue
         us = e.time_range.elapsed_us()
         acc[e.name][0] += 1
@@ -71,7 +77,9 @@ def _profile(step, steps: int) -> tuple[list[dict], float, float]:
         ms = us / 1e3 / steps
         rows.append({"kernel": name[:160], "category": category(name), "calls_per_step": calls / steps,
                      "ms_per_step": ms, "pct": 100 * ms / total_ms if total_ms else None})
-    return rows, wall_ms, total_ms
+    host_rows = [{"host_op": name[:120], "calls_per_step": calls / steps, "self_cpu_ms_per_step": us / 1e3 / steps}
+                 for name, (calls, us) in sorted(host.items(), key=lambda kv: -kv[1][1])]
+    return rows, wall_ms, total_ms, host_rows
 
 
 def _summary(rows: list[dict]) -> list[dict]:
@@ -147,7 +155,7 @@ def main(argv=None) -> None:
         step, meta = train_step(args.config, args.preset, args.batch_size, args.seq_len)
     else:
         step, meta = decode_step(args.batch, args.length, args.backend)
-    rows, wall_ms, kern_ms = _profile(step, args.steps)
+    rows, wall_ms, kern_ms, host_rows = _profile(step, args.steps)
     summary = _summary(rows)
     meta.update(wall_ms_per_step=wall_ms, kernel_ms_per_step=kern_ms,
                 kernels_per_step=sum(r["calls_per_step"] for r in rows))
@@ -156,8 +164,11 @@ def main(argv=None) -> None:
     harness.print_table(summary, ["category", "ms_per_step", "kernels_per_step", "pct"], "by category")
     harness.print_table(rows[: args.top], ["kernel", "category", "calls_per_step", "ms_per_step", "pct"],
                         f"top {args.top} kernels")
+    harness.print_table(host_rows[: args.top], ["host_op", "calls_per_step", "self_cpu_ms_per_step"],
+                        f"top {args.top} host-side ops by self CPU time (profiler overhead included)")
     tag = re.sub(r"[^A-Za-z0-9]+", "_", args.config if args.what == "train" else f"decode_b{args.batch}")
-    path = harness.write_json(f"profile-{args.what}-{tag}", rows, extra={"meta": meta, "summary": summary})
+    path = harness.write_json(f"profile-{args.what}-{tag}", rows, extra={"meta": meta, "summary": summary,
+                                                                                   "host_ops": host_rows[:100]})
     print(f"wrote {path}")
 
 
