@@ -144,6 +144,10 @@ def ceilings() -> dict:
 
 
 def _git_commit() -> str | None:
+    """HEAD (with -dirty for local changes), or $GPTCORE_GIT_COMMIT where the run's copy of the tree
+    carries no usable git history (e.g. a working tree synced to a remote GPU machine)."""
+    if os.environ.get("GPTCORE_GIT_COMMIT"):
+        return os.environ["GPTCORE_GIT_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)

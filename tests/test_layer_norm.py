@@ -125,13 +125,11 @@ def test_mixed_dtypes(poisoned):
 
 
 def _assert_rounded_once(y, y32, dtype):
-    """y is y32 rounded to dtype: exactly on a GPU; within one ulp under the interpreter, whose
-    float32 -> bfloat16 conversion truncates instead of rounding to nearest."""
-    if ON_GPU or dtype != torch.bfloat16:
-        assert torch.equal(y, y32.to(dtype))
-    else:
-        ulp = torch.finfo(dtype).eps * y32.abs().clamp_min(torch.finfo(dtype).tiny)
-        assert ((y.float() - y32).abs() <= ulp).all()
+    """y is y32 rounded to dtype, to within one ulp of dtype: the kernel's fp32 value can differ from
+    the fp32-output kernel's in its last bit (the compiler contracts multiply-adds differently for
+    the two stores), and the interpreter's float32 -> bfloat16 conversion truncates."""
+    ulp = torch.finfo(dtype).eps * y32.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((y.float() - y32).abs() <= ulp).all()
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
