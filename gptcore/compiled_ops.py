@@ -207,18 +207,17 @@ def gelu(x, bias=None, out_dtype=None):
 @torch.library.custom_op("gptcore::attention", mutates_args=())
 def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float,
               seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """q (B, H, Tq, D), k, v (B, H, Tk, D) -> o (B, H, Tq, D) q's dtype ((B, Tq, H, D) in memory),
-    lse (B, H, Tq) fp32."""
+    """q (B, H, Tq, D), k, v (B, H, Tk, D) -> o (B, H, Tq, D) q's dtype (contiguous), lse (B, H, Tq) fp32."""
     q, k, v = (_attn._last_dim_contiguous(t) for t in (q, k, v))
-    return _attn._forward(q, k, v, causal, dropout_p, scale, 0 if seed is None else int(seed))
+    # contiguous o here: Inductor plans the layout around the op itself (a transposed custom-op
+    # output sent its GPU codegen into an exponential IR printing loop on a 12-layer model)
+    return _attn._forward(q, k, v, causal, dropout_p, scale, 0 if seed is None else int(seed), bthd_out=False)
 
 
 @_attn_fwd.register_fake
 def _(q, k, v, causal, dropout_p, scale, seed):
     _attn._check_inputs(q, k, v, causal, dropout_p, scale)
-    B, H, Tq, D = q.shape
-    o = q.new_empty((B, Tq, H, D)).transpose(1, 2)  # the kernel's layout (kernels.attention.out_layout)
-    return o, q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("gptcore::attention_backward", mutates_args=())

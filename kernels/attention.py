@@ -609,10 +609,11 @@ def _operands(tma: bool, tensors_and_rows):
             for t, rows in tensors_and_rows]
 
 
-def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int):
+def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int, bthd_out: bool = True):
+    """bthd_out: o in (B, T, H, D) memory (out_layout); False gives a contiguous (B, H, T, D) o."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    o = out_layout(B, H, Tq, D, q.dtype, q.device)
+    o = out_layout(B, H, Tq, D, q.dtype, q.device) if bthd_out else _alloc((B, H, Tq, D), q.dtype, q.device)
     lse = _alloc((B, H, Tq), torch.float32, q.device)
     drop_scale = 1.0 / (1.0 - p_drop)
     tma_ok = _tma_ok(q, k, v, o)
