@@ -161,14 +161,20 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
 _add_ln_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
+# The public wrappers below ask the ops for their default output dtype and cast afterwards: with
+# out_dtype inside the op, a GPT-2's whole forward became a chain of opaque nodes (LN -> matmul ->
+# attention -> matmul -> LN ...) with no pointwise node between them, and Inductor's GPU lowering
+# stringifies such chains recursively: compile time blew up exponentially with depth (no result
+# after 5 minutes for 12 layers). The cast is one Inductor pointwise kernel, as autocast's was.
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):
     """gptcore.kernels.layer_norm.layer_norm as custom ops: y, or (y, x + residual) with a residual."""
     if not torch.compiler.is_compiling():
         _ln._check(x, weight, bias, residual, out_dtype)
     if residual is None:
-        return _layer_norm(x, weight, bias, float(eps), out_dtype)
-    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps), out_dtype)
-    return y, h
+        y = _layer_norm(x, weight, bias, float(eps), None)
+        return y if out_dtype is None else y.to(out_dtype)
+    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps), None)
+    return (y if out_dtype is None else y.to(out_dtype)), h
 
 
 # ---- GELU -------------------------------------------------------------------------------------
@@ -200,7 +206,8 @@ def gelu(x, bias=None, out_dtype=None):
     """gptcore.kernels.gelu.gelu as a custom op: gelu_tanh(x + bias)."""
     if not torch.compiler.is_compiling():
         _gelu._check(x, bias, out_dtype)
-    return _gelu_op(x, bias, out_dtype)
+    y = _gelu_op(x, bias, None)  # cast outside the op: see layer_norm above
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 # ---- attention ------------------------------------------------------------------------------------

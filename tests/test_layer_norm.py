@@ -148,7 +148,9 @@ def test_out_dtype(poisoned, out, with_residual):
     for name in full:
         if name != "y":
             assert fast[name].dtype == full[name].dtype, name
-            assert torch.equal(fast[name], full[name]), name
+            # same math on the same values; the GPU compiler may contract multiply-adds differently
+            # for a bf16 and an fp32 dy load, so allow a few fp32 ulps
+            torch.testing.assert_close(fast[name], full[name], rtol=1e-5, atol=1e-5, msg=name)
     with pytest.raises(TypeError, match="out_dtype must be float32, float16 or bfloat16"):
         layer_norm(x, w, b, out_dtype=torch.int8)
 
