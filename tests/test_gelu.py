@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from errcheck import assert_error_within, dtype_floor
+from errcheck import assert_error_within, assert_rounded_once, dtype_floor
 from gptcore.kernels.gelu import gelu
 from gptcore.kernels.reference import gelu_ref
 
@@ -84,14 +84,6 @@ def test_mixed_dtypes(poisoned):
     _check_all(x, b, "bf16 x + fp32 bias")
 
 
-def _assert_rounded_once(y, y32, dtype):
-    """y is y32 rounded to dtype, to within one ulp of dtype: the kernel's fp32 value can differ from
-    the fp32-output kernel's in its last bits (the compiler contracts multiply-adds differently for
-    the two stores; 1e-5 absolute covers that where w * xhat + b cancels to near 0), and the
-    interpreter's float32 -> bfloat16 conversion truncates."""
-    ulp = torch.finfo(dtype).eps * y32.abs() + 1e-5
-    assert ((y.float() - y32).abs() <= ulp).all()
-
 
 @pytest.mark.parametrize("out", [torch.bfloat16, torch.float16], ids=str)
 def test_out_dtype(poisoned, out):
@@ -105,7 +97,7 @@ def test_out_dtype(poisoned, out):
     full = _run(gelu, x, bias, gy.float())
     twin = gelu_ref(x, bias, out_dtype=out)
     assert fast["y"].dtype == twin.dtype == out and full["y"].dtype == torch.float32
-    _assert_rounded_once(fast["y"], full["y"], out)
+    assert_rounded_once(fast["y"], full["y"], out)
     assert fast["dx"].dtype == torch.bfloat16 and fast["dbias"].dtype == torch.float32
     # same math on the same values (the GPU compiler may contract multiply-adds differently per dtype)
     torch.testing.assert_close(fast["dx"], full["dx"], rtol=1e-2, atol=1e-2)  # bf16 dx: within an ulp

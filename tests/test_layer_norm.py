@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from errcheck import assert_error_within, dtype_floor
+from errcheck import assert_error_within, assert_rounded_once, dtype_floor
 from gptcore.kernels.layer_norm import MAX_WIDTH, layer_norm
 from gptcore.kernels.reference import layer_norm_ref
 
@@ -124,14 +124,6 @@ def test_mixed_dtypes(poisoned):
     _check_all(x, w, b, None, torch.bfloat16, "bf16 x, fp32 weight")
 
 
-def _assert_rounded_once(y, y32, dtype):
-    """y is y32 rounded to dtype, to within one ulp of dtype: the kernel's fp32 value can differ from
-    the fp32-output kernel's in its last bits (the compiler contracts multiply-adds differently for
-    the two stores; 1e-5 absolute covers that where w * xhat + b cancels to near 0), and the
-    interpreter's float32 -> bfloat16 conversion truncates."""
-    ulp = torch.finfo(dtype).eps * y32.abs() + 1e-5
-    assert ((y.float() - y32).abs() <= ulp).all()
-
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -145,7 +137,7 @@ def test_out_dtype(poisoned, out, with_residual):
     full = _run(layer_norm, x, w, b, r, gy.float(), gh)
     twin = _run(functools.partial(layer_norm_ref, out_dtype=out), x, w, b, r, gy, gh)
     assert fast["y"].dtype == twin["y"].dtype == out
-    _assert_rounded_once(fast["y"], full["y"], out)
+    assert_rounded_once(fast["y"], full["y"], out)
     for name in full:
         if name != "y":
             assert fast[name].dtype == full[name].dtype, name
