@@ -19,7 +19,8 @@ Two timings per row: ``ms`` is an eager call (harness.time_ms, triton.testing.do
 clears L2 before every call), host launch overhead included where the host is the slower side;
 ``gpu_ms`` is device time from CUDA-graph replays (harness.gpu_time_ms), the kernels alone. GB/s,
 % of copy and the ratios are given for both (suffix _gpu for device time). Inputs rotate over enough buffer sets that one pass through them exceeds 4x a 50 MB L2.
-Backward rows time torch.autograd.grad over a graph built once per buffer set.
+Backward rows time torch.autograd.grad over a graph built once per buffer set (built on
+harness.capture_stream(), so the backward alone can be captured for its device time).
 On a machine without CUDA it runs a tiny smoke version under TRITON_INTERPRET=1 (no GB/s worth
 reading, no torch.compile). ``run(quick)`` returns the rows for ``python -m bench``.
 """
