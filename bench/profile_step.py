@@ -25,7 +25,8 @@ from bench import harness
 
 CATEGORIES = [  # (category, regex on the kernel name), first match wins
     ("cross-entropy", r"_ce_rows|cross_entropy|nll_loss|log_softmax|softmax_warp"),
-    ("attention", r"flash|fmha|_attn|attention|sdpa|cudnn"),
+    ("attention", r"flash|fmha|_attn|attention|sdpa|cudnn|^_fwd_kernel|^_bwd_(dkdv|dq|delta)_kernel"
+                  r"|^_split_kernel|^_combine_kernel"),  # gptcore's attention / decode-attention kernels
     ("layernorm", r"_ln_|layer_norm|LayerNorm|layernorm|sum_partials"),
     ("gelu", r"gelu|GeluCUDA"),
     ("matmul", r"gemm|gemv|sm90_xmma|nvjet|cutlass|cublas|splitK|Kernel2|ampere_|sm80_"),

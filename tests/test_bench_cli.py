@@ -106,3 +106,20 @@ def test_longest_context_search(monkeypatch, limit, cap, want):
         assert row["note"] == "reached the cap"
     else:
         assert row["first_oom_T"] - row["max_T"] <= 512 and row["note"] is None
+
+
+def test_profile_step_categories_and_cpu_message():
+    from bench.profile_step import category
+
+    assert category("_ln_bwd_kernel") == "layernorm"
+    assert category("_ce_rows_kernel") == "cross-entropy"
+    assert category("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "matmul"
+    assert category("_bwd_dkdv_kernel") == "attention"
+    assert category("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda") == "copy/cast"
+    p = subprocess.run([sys.executable, "-m", "bench.profile_step", "train", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "--config" in p.stdout
+    if not torch.cuda.is_available():
+        p = subprocess.run([sys.executable, "-m", "bench.profile_step", "decode"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and "needs a CUDA GPU" in p.stderr
