@@ -200,9 +200,15 @@ def _longest_context(c: Config, preset: str, device: str, cap: int, box_s: float
             ok, peak_ok = mid, peak
         else:
             fail = mid
-    row.update(max_T=ok, first_oom_T=fail, peak_GiB=peak_ok, tried=tried,
-               note="reached the cap" if ok == cap else (None if fail is None or fail - ok <= grain
-                                                         else "time box ended the search"))
+    if ok == cap:
+        note = "reached the cap"
+    elif fail is None and "error" not in row:
+        note = "time box ended the search before an OOM: max_T is a lower bound"
+    elif fail is not None and ok is not None and fail - ok > grain:
+        note = "time box ended the search"
+    else:
+        note = None
+    row.update(max_T=ok, first_oom_T=fail, peak_GiB=peak_ok, tried=tried, note=note)
     return row
 
 
