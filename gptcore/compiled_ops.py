@@ -14,9 +14,10 @@ autograd sees a registered backward that is itself a custom op, and Inductor fus
 ops around the kernels. torch.compile(..., fullgraph=True) traces a whole training step.
 
 Ops (namespace gptcore; the launchers run unchanged inside them):
-  layer_norm(x, weight?, bias?, eps, out_dtype?)   -> y, mean, rstd       (gelu, layer_norm: via
-  gelu(x, bias?, out_dtype?)                       -> y                    custom_ops.autograd_op)
-  add_layer_norm(x, residual, weight?, bias?, eps, out_dtype?) -> y, h, mean, rstd
+  layer_norm(x, weight?, bias?, eps)               -> y, mean, rstd       (gelu, layer_norm: via
+  gelu(x, bias?)                                   -> y                    custom_ops.autograd_op)
+  add_layer_norm(x, residual, weight?, bias?, eps) -> y, h, mean, rstd
+(the public wrappers' out_dtype is a cast after the op; see layer_norm below)
   attention(q, k, v, causal, dropout_p, scale, seed?) -> o, lse
 add_layer_norm and attention register their autograd directly: their backward reads a result
 (h, o), and add_layer_norm's backward must not keep x and residual alive (only h) and returns
@@ -67,22 +68,21 @@ def _empty_or_like(p: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 # ---- LayerNorm without residual ---------------------------------------------------------------
-def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-            out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
-    """x (..., N) -> y (x's shape, out_dtype or x's dtype), mean, rstd (M,) fp32."""
-    y, _, mean, rstd = _ln._forward(as_rows(x), None, _vec(weight), _vec(bias), eps, x.shape, x.dtype, out_dtype)
+def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., N) -> y (x's shape and dtype), mean, rstd (M,) fp32."""
+    y, _, mean, rstd = _ln._forward(as_rows(x), None, _vec(weight), _vec(bias), eps, x.shape, x.dtype)
     return y, mean, rstd
 
 
-def _ln_fwd_fake(x, weight, bias, eps, out_dtype):
-    _ln._check(x, weight, bias, None, out_dtype)
+def _ln_fwd_fake(x, weight, bias, eps):
+    _ln._check(x, weight, bias, None)
     m = math.prod(x.shape[:-1])
     f32 = dict(dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty(m, **f32), x.new_empty(m, **f32)
+    return x.new_empty(x.shape), x.new_empty(m, **f32), x.new_empty(m, **f32)
 
 
-def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
-            out_dtype: Optional[torch.dtype], mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mean: Tensor,
+            rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx (x's shape and dtype), d weight, d bias (their dtypes; (0,) when absent)."""
     bias_dtype = None if bias is None else bias.dtype
     dx, _, dw, db = _ln._backward(as_rows(dy), None, as_rows(x), _vec(weight), bias_dtype, mean, rstd, x.shape,
@@ -90,7 +90,7 @@ def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     return dx, _or_empty(dw, x), _or_empty(db, x)
 
 
-def _ln_bwd_fake(dy, x, weight, bias, eps, out_dtype, mean, rstd):
+def _ln_bwd_fake(dy, x, weight, bias, eps, mean, rstd):
     return x.new_empty(x.shape), _empty_or_like(weight, x), _empty_or_like(bias, x)
 
 
@@ -101,19 +101,18 @@ _layer_norm = autograd_op("gptcore::layer_norm", _ln_fwd, _ln_bwd, n_outputs=1, 
 # ---- LayerNorm of x + residual: returns (y, h) ---------------------------------------------------
 @torch.library.custom_op("gptcore::add_layer_norm", mutates_args=())
 def _add_ln_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float, out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h = x + residual (promoted dtype), y = LN(h) (out_dtype or h's): -> y, h (x's shape), mean,
-    rstd (M,) fp32."""
+                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + residual (promoted dtype), y = LN(h): -> y, h (x's shape), mean, rstd (M,) fp32."""
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype, out_dtype)
+    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype)
 
 
 @_add_ln_fwd.register_fake
-def _(x, residual, weight, bias, eps, out_dtype):
-    _ln._check(x, weight, bias, residual, out_dtype)
+def _(x, residual, weight, bias, eps):
+    _ln._check(x, weight, bias, residual)
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
     m = math.prod(x.shape[:-1])
-    return (x.new_empty(x.shape, dtype=out_dtype or h_dtype), x.new_empty(x.shape, dtype=h_dtype),
+    return (x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=h_dtype),
             x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
 
 
@@ -136,7 +135,7 @@ def _(dy, dh, h, weight, bias, mean, rstd, x_dtype, res_dtype):
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, bias, _eps, _out_dtype = inputs
+    x, residual, weight, bias, _eps = inputs
     _y, h, mean, rstd = output
     ctx.save_for_backward(h, weight, bias, mean, rstd)  # LN's input is h: x and residual are not kept
     ctx.dtypes = (x.dtype, residual.dtype)
@@ -147,7 +146,7 @@ def _add_ln_setup(ctx, inputs, output):
 def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None
     if dy is None:
         dy = torch.zeros_like(h)
     dx, dres, dw, db = _add_ln_bwd(dy, dh, h, weight, bias, mean, rstd, *ctx.dtypes)
@@ -155,14 +154,14 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
         dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
     need = ctx.needs_input_grad
     return (dx, dres, dw if weight is not None and need[2] else None, db if bias is not None and need[3] else None,
-            None, None)
+            None)
 
 
 _add_ln_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
-# The public wrappers below ask the ops for their default output dtype and cast afterwards: with
-# out_dtype inside the op, a GPT-2's whole forward became a chain of opaque nodes (LN -> matmul ->
+# The public wrappers apply out_dtype as a cast after the op, not inside it: with the kernel
+# storing out_dtype itself, a GPT-2's whole forward became a chain of opaque nodes (LN -> matmul ->
 # attention -> matmul -> LN ...) with no pointwise node between them, and Inductor's GPU lowering
 # stringifies such chains recursively: compile time blew up exponentially with depth (no result
 # after 5 minutes for 12 layers). The cast is one Inductor pointwise kernel, as autocast's was.
@@ -171,30 +170,30 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None
     if not torch.compiler.is_compiling():
         _ln._check(x, weight, bias, residual, out_dtype)
     if residual is None:
-        y = _layer_norm(x, weight, bias, float(eps), None)
+        y = _layer_norm(x, weight, bias, float(eps))
         return y if out_dtype is None else y.to(out_dtype)
-    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps), None)
+    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps))
     return (y if out_dtype is None else y.to(out_dtype)), h
 
 
 # ---- GELU -------------------------------------------------------------------------------------
-def _gelu_fwd(x: Tensor, bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> Tensor:
-    """gelu_tanh(x + bias): x's shape, out_dtype or the dtype of x + bias."""
-    return _gelu._forward(as_rows(x), _vec(bias), x.shape, _gelu.out_dtype_of(x, bias, out_dtype))
+def _gelu_fwd(x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """gelu_tanh(x + bias): x's shape, the dtype of x + bias."""
+    return _gelu._forward(as_rows(x), _vec(bias), x.shape, _gelu.out_dtype_of(x, bias))
 
 
-def _gelu_fwd_fake(x, bias, out_dtype):
-    _gelu._check(x, bias, out_dtype)
-    return x.new_empty(x.shape, dtype=_gelu.out_dtype_of(x, bias, out_dtype))
+def _gelu_fwd_fake(x, bias):
+    _gelu._check(x, bias)
+    return x.new_empty(x.shape, dtype=_gelu.out_dtype_of(x, bias))
 
 
-def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor]:
+def _gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """-> dx (x's shape and dtype), d bias (bias's dtype; (0,) without a bias)."""
     dx, db = _gelu._backward(as_rows(dy), as_rows(x), _vec(bias), x.shape, x.dtype)
     return dx, _or_empty(db, x)
 
 
-def _gelu_bwd_fake(dy, x, bias, out_dtype):
+def _gelu_bwd_fake(dy, x, bias):
     return x.new_empty(x.shape), _empty_or_like(bias, x)
 
 
@@ -206,7 +205,7 @@ def gelu(x, bias=None, out_dtype=None):
     """gptcore.kernels.gelu.gelu as a custom op: gelu_tanh(x + bias)."""
     if not torch.compiler.is_compiling():
         _gelu._check(x, bias, out_dtype)
-    y = _gelu_op(x, bias, None)  # cast outside the op: see layer_norm above
+    y = _gelu_op(x, bias)  # out_dtype is a cast after the op: see layer_norm above
     return y if out_dtype is None else y.to(out_dtype)
 
 

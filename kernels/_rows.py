@@ -2,6 +2,7 @@
 
 - ``check_tensor``: the boundary check every public kernel function runs on its tensors
   (floating dtype the kernels support, a device Triton can run on, same device as x).
+- ``check_out_dtype``: the same for an op's requested output dtype.
 - ``as_rows``: flatten leading dims to (M, N) rows with unit column stride, copying only when
   the layout cannot be expressed as one row stride.
 - ``persistent_programs``: how many programs a persistent (row-run per program) kernel gets.
@@ -42,6 +43,12 @@ def check_tensor(t, name: str, op: str, device: torch.device | None = None) -> N
             )
     elif t.device.type != "cuda":
         raise ValueError(f"{op}: {name} is on {t.device}; the Triton kernel runs on CUDA tensors only")
+
+
+def check_out_dtype(out_dtype, op: str) -> None:
+    """Raise a clear error unless out_dtype is None or a dtype the kernels can store."""
+    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:

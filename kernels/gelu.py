@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._rows import SUPPORTED_DTYPES, as_rows, check_tensor, persistent_programs, sum_partials
+from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
 
 _TILE = 4096  # elements per program tile
 _MAX_BLOCK_N = 1024  # widest column block; wider rows span several programs
@@ -199,8 +199,7 @@ def _check(x, bias, out_dtype=None) -> None:
             raise ValueError(
                 f"{op}: bias must have shape ({x.shape[-1]},) to broadcast over x's rows, got {tuple(bias.shape)}"
             )
-    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    check_out_dtype(out_dtype, op)
 
 
 def gelu(x, bias=None, out_dtype=None):

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._rows import SUPPORTED_DTYPES, as_rows, check_tensor, persistent_programs, sum_partials
+from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
 
 MAX_WIDTH = 16384  # widest row (elements) one program normalises in registers
 # Elements per program tile: rows are stacked until a tile holds about this many. 2048 won a sweep of
@@ -319,8 +319,7 @@ def _check(x, weight, bias, residual, out_dtype=None) -> None:
         check_tensor(residual, "residual", op, x.device)
         if residual.shape != x.shape:
             raise ValueError(f"{op}: residual shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}")
-    if out_dtype is not None and out_dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    check_out_dtype(out_dtype, op)
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):

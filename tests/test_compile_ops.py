@@ -163,17 +163,14 @@ def _opcheck_cases():
     seed = torch.tensor([3])
     g = torch.ops.gptcore
     return {
-        "layer_norm": (g.layer_norm, (x, w, b, 1e-5, None)),
-        "layer_norm_no_params": (g.layer_norm, (x, None, None, 1e-5, None)),
-        "layer_norm_out_dtype": (g.layer_norm, (x, w, b, 1e-5, f16)),
-        "add_layer_norm": (g.add_layer_norm, (x, r.half(), w, None, 1e-5, None)),
-        "add_layer_norm_out_dtype": (g.add_layer_norm, (x, r, w, b, 1e-5, f16)),
-        "gelu": (g.gelu, (x, b, None)),
-        "gelu_out_dtype": (g.gelu, (x, b, f16)),
+        "layer_norm": (g.layer_norm, (x, w, b, 1e-5)),
+        "layer_norm_no_params": (g.layer_norm, (x, None, None, 1e-5)),
+        "add_layer_norm": (g.add_layer_norm, (x, r.half(), w, None, 1e-5)),
+        "gelu": (g.gelu, (x, b)),
         "attention": (g.attention, (q, k, v, True, 0.3, 0.25, seed)),
-        "layer_norm_backward": (g.layer_norm_backward, (r, x, w, None, 1e-5, None, mean, rstd)),
+        "layer_norm_backward": (g.layer_norm_backward, (r, x, w, None, 1e-5, mean, rstd)),
         "add_layer_norm_backward": (g.add_layer_norm_backward, (r, None, x, w, b, mean, rstd, f16, f32)),
-        "gelu_backward": (g.gelu_backward, (r, x, None, None)),
+        "gelu_backward": (g.gelu_backward, (r, x, None)),
         "attention_backward": (g.attention_backward, (torch.randn_like(q), q, k, v, o, lse, False, 0.0, 0.25, None)),
     }
 
