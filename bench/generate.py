@@ -154,6 +154,8 @@ def _gen_row(name, backend, B, t, new_tokens, weight_bytes, stats):
         "new_tok_s": B * new_tokens / (ms * 1e-3), "ms_per_token": ms_step,
         "frac_weight_bw": _frac(_gbps(weight_bytes, ms_step)),
         "kv_B_per_token": stats.get("kv_bytes_per_token"), "decode_mode": stats.get("decode_mode", "HF eager"),
+        # the last timed call's split: prefill (prompt forward + first token) and each decode step
+        "prefill_ms": stats.get("prefill_ms"), "decode_ms_per_step": stats.get("decode_ms_per_step"),
     }
 
 

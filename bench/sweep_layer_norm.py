@@ -2,6 +2,8 @@
 were chosen). CUDA only; one JSON line per config: eager do_bench ms and CUDA-graph ms.
 
     python bench/sweep_layer_norm.py OUT.jsonl      # bf16, 16384 rows, widths 768/1024/1600/4096 (~4 min on an H100)
+    python bench/sweep_layer_norm.py OUT.jsonl bwd  # backward only: tile, warps, grid size, and the
+                                                    # partial-sum kernel's tile (timed alone and in the backward)
 """
 import itertools, json, sys, time
 import torch, triton
@@ -24,6 +26,39 @@ def bench(fn):
 
 orig_f, orig_b = L.fwd_config, L.bwd_config
 t_start = time.time()
+if len(sys.argv) > 2 and sys.argv[2] == "bwd":
+    import gptcore.kernels._rows as R
+    orig_sp = R.SUM_PARTIALS_CONFIG
+    for N in (768, 1024, 1600, 4096):
+        nset = 4
+        xs = [torch.randn(M, N, device="cuda", dtype=dt) for _ in range(nset)]
+        dys = [torch.randn(M, N, device="cuda", dtype=dt) for _ in range(nset)]
+        w = torch.randn(N, device="cuda", dtype=dt)
+        y, h, mean, rstd = L._forward(xs[0], None, w, w, 1e-5, (M, N), dt)
+        it = itertools.count()
+        base = orig_b(N)
+        P = 4 * base.programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+        part = torch.randn(2, P, N, device="cuda")
+        for sp in ((64, 32, 4), (128, 32, 4), (256, 16, 4), (128, 16, 4), (64, 16, 2), (256, 32, 8), (32, 64, 4)):
+            R.SUM_PARTIALS_CONFIG = sp
+            emit(N=N, kind="sum_partials", P=P, sp=sp, ms=bench(lambda: R.sum_partials(part, [dt, dt])))
+        full = N == 768  # the width whose target was missed gets the whole grid
+        for sp in ((64, 32, 4), (128, 16, 4), (256, 16, 4)):
+            R.SUM_PARTIALS_CONFIG = sp
+            for bm_mul in (1, 2) if full else (1,):
+                for nw in sorted({base.num_warps, 2 * base.num_warps}) if full else (base.num_warps,):
+                    for pps in (2, 3, 4, 6) if full else (base.programs_per_sm,):
+                        cfg = L.LaunchConfig(base.block_m * bm_mul, base.block_n, nw, 1, pps)
+                        L.bwd_config = lambda n, cfg=cfg: cfg
+                        try:
+                            f = lambda: L._backward(dys[next(it) % nset], None, xs[next(it) % nset], w, dt, mean, rstd, (M, N), dt, None)
+                            emit(N=N, kind="bwd", sp=sp, cfg=str(cfg), ms=bench(f))
+                        except Exception as e:
+                            emit(N=N, kind="bwd", sp=sp, cfg=str(cfg), err=str(e)[:200])
+        R.SUM_PARTIALS_CONFIG = orig_sp
+        L.bwd_config = orig_b
+        emit(N=N, kind="elapsed", s=time.time() - t_start)
+    sys.exit(0)
 for N in (768, 1024, 1600, 4096):
     nset = 4
     xs = [torch.randn(M, N, device="cuda", dtype=dt) for _ in range(nset)]
