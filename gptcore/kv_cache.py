@@ -210,9 +210,15 @@ class _Cache:
 
     def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store k, v (B, H, 1, D); return attention of q (B, H, 1, D) over each sequence's keys."""
-        self._store(layer, k, v)
         kc, vc = self._layer(layer)
         table = self._block_table()
+        if self.attention == "triton" and k.dtype == kc.dtype and v.dtype == vc.dtype:
+            from gptcore.kernels.decode_attention import decode_attention
+
+            # one launch: the kernel stores k, v at each sequence's write position (lengths - 1,
+            # bounds checked by reserve()) and attends to them with the rest of the cache
+            return decode_attention(q, kc, vc, self.lengths, block_table=table, k_new=k, v_new=v)
+        self._store(layer, k, v)
         if self.attention == "triton":
             from gptcore.kernels.decode_attention import decode_attention
 

@@ -42,15 +42,16 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum,
+def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNew, VNew,
                   sqb, sqh, sqd,            # Q: (B, H, D) strides
+                  snb, snh, snd,            # KNew, VNew: (B, H, D) strides (unused unless APPEND)
                   skb, skh, skt, skd,       # K: static (B, H, T, D) / paged (NB, H, PAGE, D) strides
                   svb, svh, svt, svd,       # V: like K
                   sbt,                      # BlockTable: (B, max_blocks) row stride
                   sob, soh, sod,            # Out: (B, H, D) strides
                   H, D, capacity, num_blocks, qk_scale,
                   SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H
@@ -68,6 +69,24 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum,
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     k_head = K + h * skh
     v_head = V + h * svh
+    if APPEND:
+        # The new key/value is key length-1. The program whose split holds that position stores
+        # it into the cache and uses it from registers in place of the (stale) cached row.
+        pos = length - 1
+        k_new = tl.load(KNew + b * snb + h * snh + offs_d * snd, mask=mask_d, other=0.0)
+        v_new = tl.load(VNew + b * snb + h * snh + offs_d * snd, mask=mask_d, other=0.0)
+        if (pos >= start) & (pos < start + SPLIT_LEN):
+            if PAGED:
+                pblk = tl.load(BlockTable + b * sbt + pos // PAGE).to(tl.int64)
+                ok = (pblk >= 0) & (pblk < num_blocks)
+                pk = pblk * skb + (pos % PAGE) * skt
+                pv = pblk * svb + (pos % PAGE) * svt
+            else:
+                ok = pos >= 0
+                pk = b.to(tl.int64) * skb + pos * skt
+                pv = b.to(tl.int64) * svb + pos * svt
+            tl.store(k_head + pk + offs_d * skd, k_new.to(K.dtype.element_ty), mask=mask_d & ok)
+            tl.store(v_head + pv + offs_d * svd, v_new.to(V.dtype.element_ty), mask=mask_d & ok)
     # A fixed trip count (tiles past `end` are fully masked: no loads) keeps the loop static.
     for tile in range(SPLIT_LEN // BLOCK_N):
         offs_n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -83,6 +102,8 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum,
             v_rows = b.to(tl.int64) * svb + offs_n * svt
         tile_mask = valid[:, None] & mask_d[None, :]
         k = tl.load(k_head + k_rows[:, None] + offs_d[None, :] * skd, mask=tile_mask, other=0.0)
+        if APPEND:
+            k = tl.where((offs_n == pos)[:, None], k_new.to(k.dtype)[None, :], k)
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)            # (BLOCK_N,)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
@@ -91,6 +112,8 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum,
         p = tl.exp2(s - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         v = tl.load(v_head + v_rows[:, None] + offs_d[None, :] * svd, mask=tile_mask, other=0.0)
+        if APPEND:
+            v = tl.where((offs_n == pos)[:, None], v_new.to(v.dtype)[None, :], v)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         m_i = m_new
 
@@ -193,12 +216,30 @@ def _check(q, k_cache, v_cache, lengths, block_table):
             raise ValueError(f"decode_attention: block_size must be a power of two, got {page}")
 
 
-def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None, num_splits=None):
-    """softmax(q K^T * scale) V over keys 0..lengths[b]-1 of each sequence; see the module doc."""
+def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None, num_splits=None,
+                     k_new=None, v_new=None):
+    """softmax(q K^T * scale) V over keys 0..lengths[b]-1 of each sequence; see the module doc.
+
+    With k_new and v_new (q's shape and dtype) the kernel first makes them key/value lengths[b]-1
+    of each sequence: stored into the cache there (the caller has already counted them in
+    lengths) and attended to, in the same launch, instead of a separate append kernel.
+    """
     _check(q, k_cache, v_cache, lengths, block_table)
     B, H, D = q.shape[0], q.shape[1], q.shape[-1]
+    append = k_new is not None or v_new is not None
+    if append:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if t is None or t.shape != q.shape or t.dtype != k_cache.dtype or t.device != q.device:
+                raise ValueError(f"decode_attention: {name} must be given with the other and match q's shape "
+                                 f"{tuple(q.shape)}, device and the cache's dtype {k_cache.dtype}; got "
+                                 f"{None if t is None else (tuple(t.shape), t.dtype, str(t.device))}")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     q3 = q.reshape(B, H, D) if q.dim() == 4 else q  # a view for (B, H, 1, D)
+    kn = k_new.reshape(B, H, D) if append else q3
+    vn = v_new.reshape(B, H, D) if append else q3
+    if append and kn.stride() != vn.stride():
+        vn = vn.contiguous()
+        kn = kn.contiguous()
     lengths = lengths.contiguous()
     out = torch.empty((B, H, D), device=q.device, dtype=q.dtype)
     paged = block_table is not None
@@ -215,11 +256,11 @@ def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None,
         part_acc = part_max = part_sum = out  # unused when there is one split
     bt = block_table if paged else lengths  # a placeholder pointer when static
     _split_kernel[(B * H, splits)](
-        q3, k_cache, v_cache, lengths, bt, out, part_acc, part_max, part_sum,
-        *q3.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0, *out.stride(),
+        q3, k_cache, v_cache, lengths, bt, out, part_acc, part_max, part_sum, kn, vn,
+        *q3.stride(), *kn.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0, *out.stride(),
         H, D, capacity, k_cache.shape[0], scale * LOG2E,
         SPLIT_LEN=split_len, NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PAGE=page, PAGED=paged,
-        num_warps=4,
+        APPEND=append, num_warps=4,
     )
     if splits > 1:
         _combine_kernel[(B * H,)](

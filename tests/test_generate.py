@@ -101,6 +101,45 @@ def test_decode_attention_matches_reference(B, H, T, D, splits, paged, dtype):
     assert_error_within(out, lowprec, oracle, atol=atol, name=f"decode_attention paged={paged}")
 
 
+@pytest.mark.parametrize("B,H,T,D,splits", DECODE_CASES)
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_attention_appends_new_key(B, H, T, D, splits, paged):
+    """k_new/v_new: stored at lengths-1 and attended in the same launch; the cache row there held
+    garbage, which must neither reach the output nor survive in the cache."""
+    from gptcore.kernels.decode_attention import decode_attention
+
+    dtype = torch.float16
+    q = torch.randn(B, 1, H, D, device=DEV).to(dtype).transpose(1, 2)
+    k = torch.randn(B, H, T, D, device=DEV).to(dtype)
+    v = torch.randn(B, H, T, D, device=DEV).to(dtype)
+    lengths = torch.randint(1, T + 1, (B,), device=DEV)
+    lengths[0] = T
+    rows = torch.arange(B, device=DEV)
+    pos = lengths - 1
+    # the new key/value, strided like the model's views of qkv
+    k_new = k[rows, :, pos][:, None].transpose(1, 2)
+    v_new = v[rows, :, pos][:, :, None]
+    if paged:
+        kc, vc, table = _paged_copy(k, v, block_size=16)
+        blk, slot = table.long()[rows, pos // 16], pos % 16
+        want_k, want_v = kc.clone(), vc.clone()
+        kc[blk, :, slot] = 1e3
+        vc[blk, :, slot] = -1e3
+        want = decode_attention(q, want_k, want_v, lengths, block_table=table, num_splits=splits)
+        out = decode_attention(q, kc, vc, lengths, block_table=table, num_splits=splits, k_new=k_new, v_new=v_new)
+    else:
+        want_k, want_v = k.clone(), v.clone()
+        kc, vc = k.clone(), v.clone()
+        kc[rows, :, pos] = 1e3
+        vc[rows, :, pos] = -1e3
+        want = decode_attention(q, want_k, want_v, lengths, num_splits=splits)
+        out = decode_attention(q, kc, vc, lengths, num_splits=splits, k_new=k_new, v_new=v_new)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v), "the new key/value was not stored at lengths-1"
+    assert torch.equal(out, want), (out - want).abs().max()
+    with pytest.raises(ValueError, match="v_new must be given"):
+        decode_attention(q, kc, vc, lengths, block_table=table if paged else None, k_new=k_new)
+
+
 def test_decode_attention_rejects_bad_input():
     from gptcore.kernels.decode_attention import decode_attention
 
