@@ -30,7 +30,9 @@ How a call runs:
            blocks) and draws the sampling noise before each replay. Elsewhere (CPU, no cache,
            cuda_graph=False, or a failed capture) the same step runs eagerly and ``stats`` says why.
            With ``compact=True`` eager decoding drops finished sequences from the batch
-           (``cache.reorder``) at each check.
+           (``cache.reorder``) at each check. The prefill is captured too, after its first eager
+           run for a (batch, padded prompt length, sampling) shape: a repeated shape replays it
+           (``MAX_PREFILL_GRAPHS`` shapes kept). ``stats['prefill_mode']`` says which ran.
   no cache ``use_cache=False`` recomputes the whole (right-padded) sequence for every new token:
            the reference the cached path must match token for token.
 """
@@ -189,12 +191,21 @@ class _Graph:
         self.graph, self.tok, self.done, self.noise = graph, tok, done, noise
 
 
+class _Prefill:
+    """A captured prefill (or why there is none) and its static buffers."""
+
+    def __init__(self, padded, last, noise):
+        self.padded, self.last, self.noise = padded, last, noise
+        self.graph, self.out, self.why, self.arange = None, None, "", None
+
+
 class Generator:
     """Generation for one model; keeps its KV cache and captured CUDA graphs between calls.
 
     paged:       use PagedKVCache (block_size tokens per block, num_blocks blocks; default
                  enough for every sequence to reach max_seq_len) instead of the static KVCache
-    cuda_graph:  capture the decode step on CUDA (falls back to eager, saying why in stats)
+    cuda_graph:  capture the decode step on CUDA (falls back to eager, saying why in stats); the
+                 prefill of a shape seen before (batch, prompt length, sampling) is replayed too
     max_seq_len: cache capacity; default: the longest prompt + max_new_tokens rounded up to 64
                  (capped at context_length), so repeated calls of one shape reuse cache and graph
     check_every: decode steps between the host's looks at the device-side done flags
@@ -202,6 +213,8 @@ class Generator:
                  work per step; low-precision results may differ in the last bits, since the
                  matmuls then see another batch size). CUDA graphs keep the batch fixed.
     """
+
+    MAX_PREFILL_GRAPHS = 4  # captured prefills kept (one per batch x prompt length x sampling), LRU
 
     def __init__(self, model, *, paged: bool = False, block_size: int = 16, num_blocks: Optional[int] = None,
                  cuda_graph: bool = True, max_seq_len: Optional[int] = None, check_every: int = 16,
@@ -216,6 +229,8 @@ class Generator:
         self.compact = compact
         self.cache: Optional[Union[KVCache, PagedKVCache]] = None
         self._graphs: dict[tuple, _Graph] = {}
+        self._prefills: dict[tuple, _Prefill] = {}
+        self._prefill_mode = ""
         self.stats: dict = {}
 
     # ---- setup -------------------------------------------------------------------------------
@@ -235,6 +250,7 @@ class Generator:
             cls = PagedKVCache if self.paged else KVCache
             self.cache = cls.for_model(self.model, batch_size=batch, max_seq_len=cap, **kw)
             self._graphs.clear()
+            self._prefills.clear()
         self.cache.reset()
         return self.cache
 
@@ -311,7 +327,8 @@ class Generator:
         self.stats = {
             "batch": B, "new_tokens": n_new, "seconds": total, "tokens_per_s": n_new / total if total else None,
             "prefill_ms": (t_prefill - t0) * 1e3, "decode_ms_per_step": (t1 - t_prefill) * 1e3 / max(1, N - 1),
-            "decode_mode": mode, "cache": ("paged" if self.paged else "static") if use_cache else None,
+            "decode_mode": mode, "prefill_mode": self._prefill_mode if use_cache else "eager",
+            "cache": ("paged" if self.paged else "static") if use_cache else None,
             "kv_bytes_per_token": self.cache.bytes_per_token() if use_cache else None,
         }
         return result
@@ -328,14 +345,10 @@ class Generator:
         padded, last = padded.to(device, non_blocking=True), last.to(device, non_blocking=True)
 
         # prefill: one forward over the right-padded prompts, logits at each prompt's last token
-        hidden = model.hidden_states(padded, kv_cache=cache)                     # (B, T, C)
-        logits = model.lm_head(hidden[torch.arange(B, device=device), last])     # (B, V)
-        cache.set_lengths(lens)
-        V = logits.shape[-1]
+        V = model.lm_head.weight.shape[0]
         noise = torch.empty((B, V), device=device, dtype=torch.float32) if req.temperature > 0 else None
-        if noise is not None:
-            noise.exponential_(generator=req.rng)
-        first = req.sample(logits, noise)                                         # (B,)
+        first, self._prefill_mode = self._prefill(req, cache, padded, last, noise, graph_ok)   # (B,)
+        cache.set_lengths(lens)
         stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
         if graph_ok:
             key = (B, cache.max_seq_len, req.sampling, tuple(stops))
@@ -403,6 +416,52 @@ class Generator:
         if streamer:
             streamer.flush()
         return out, t_prefill, mode
+
+    def _prefill(self, req: _Request, cache, padded, last, noise, graph_ok: bool):
+        """First token of each prompt (B,) and how the prefill ran. With CUDA graphs on, the first
+        prefill of a (batch, prompt length, sampling) shape runs eagerly and is then captured;
+        later calls of that shape replay it (static id/index/noise buffers in, token out)."""
+        model, B, T = self.model, padded.shape[0], padded.shape[1]
+        arange = torch.arange(B, device=padded.device)  # read by the graph: kept alive in its _Prefill
+
+        def run(ids, idx, nz):
+            hidden = model.hidden_states(ids, kv_cache=cache)                  # (B, T, C)
+            return req.sample(model.lm_head(hidden[arange, idx]), nz)          # (B,)
+
+        key = (B, T, cache.max_seq_len, req.sampling)
+        pre = self._prefills.get(key) if graph_ok else None
+        if pre is not None and pre.graph is not None:
+            self._prefills[key] = self._prefills.pop(key)  # most recently used last
+            cache.reserve(T)
+            pre.padded.copy_(padded)
+            pre.last.copy_(last)
+            if noise is not None:
+                pre.noise.exponential_(generator=req.rng)
+            pre.graph.replay()
+            return pre.out, "cuda-graph"
+        if noise is not None:
+            noise.exponential_(generator=req.rng)
+        first = run(padded, last, noise)
+        if not graph_ok:
+            return first, "eager"
+        if pre is not None:
+            return first, pre.why
+        pre = _Prefill(padded.clone(), last.clone(), None if noise is None else torch.empty_like(noise))
+        pre.arange = arange
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with cache.external_reservation(), torch.cuda.graph(graph):  # records only; nothing runs
+                pre.out = run(pre.padded, pre.last, pre.noise)
+            pre.graph = graph
+            mode = "eager (captured for the next call of this shape)"
+        except Exception as e:  # noqa: BLE001 - a failed capture only means: keep prefilling eagerly
+            torch.cuda.synchronize()
+            pre = _Prefill(None, None, None)
+            pre.why = mode = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
+        self._prefills[key] = pre
+        while len(self._prefills) > self.MAX_PREFILL_GRAPHS:
+            self._prefills.pop(next(iter(self._prefills)))
+        return first, mode
 
     def _capture(self, cache, state: _Graph, step) -> torch.cuda.CUDAGraph:
         """Warm the step up once on a side stream (compiles/tunes kernels), undo its effects, capture it."""

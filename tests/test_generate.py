@@ -422,6 +422,31 @@ def test_cuda_graph_decode_equals_eager(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_cuda_graph_prefill_replay(paged):
+    """A repeated (batch, prompt length, sampling) shape replays the captured prefill: with other
+    prompt tokens of the same lengths it must give exactly the eager result for those tokens."""
+    m = _gpt2("triton", torch.bfloat16)
+    eager = Generator(m, cuda_graph=False, paged=paged)
+    graph = Generator(m, paged=paged)
+    first = [list(range(5, 5 + n)) for n in (16, 3, 40, 9)]
+    other = [[(7 * t + 3) % 1000 for t in range(n)] for n in (16, 3, 40, 9)]
+    a = graph.generate(first, 20, temperature=0)
+    assert graph.stats["prefill_mode"].startswith("eager (captured"), graph.stats["prefill_mode"]
+    b = graph.generate(other, 20, temperature=0)
+    assert graph.stats["prefill_mode"] == "cuda-graph", graph.stats["prefill_mode"]
+    assert eager.stats.get("prefill_mode") in (None, "eager")
+    assert b == eager.generate(other, 20, temperature=0)
+    assert a == eager.generate(first, 20, temperature=0)
+    assert graph.generate(first, 20, temperature=0) == a
+    kw = dict(temperature=0.8, top_k=50, seed=3)
+    x = graph.generate(other, 20, **kw)  # new sampling settings: eager, then captured
+    y = graph.generate(other, 20, **kw)  # replayed, noise drawn from the same seed
+    assert graph.stats["prefill_mode"] == "cuda-graph"
+    assert x == y == eager.generate(other, 20, **kw)
+
+
+@pytest.mark.gpu
 def test_gpu_cached_equals_uncached_fp32():
     m = _gpt2("triton", torch.float32)
     prompts = [list(range(100, 100 + n)) for n in (7, 30)]
