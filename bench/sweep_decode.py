@@ -2,6 +2,7 @@
 
 How kernels/decode_attention.py's plan_splits target was chosen. Every time is one CUDA-graph
 replay (triton.testing.do_bench_cudagraph), so launch gaps are counted as in the decode graph.
+Then torch's argmax variants beside gptcore's argmax_rows on (B, 50257) bf16 logits.
 One JSON line per row: batch B, cache capacity, length L, splits asked (None = plan_splits),
 the plan (splits, keys per split), microseconds.
 
@@ -9,6 +10,7 @@ the plan (splits, keys per split), microseconds.
 """
 import json, sys, torch
 from triton.testing import do_bench_cudagraph
+from gptcore.kernels.argmax import argmax_rows
 from gptcore.kernels.decode_attention import decode_attention, plan_splits
 out = open(sys.argv[1], "w")
 def emit(**kw):
@@ -30,5 +32,6 @@ for B in (1, 8, 32):
 for B in (1, 32):
     x = torch.randn(B, 50257, device="cuda", dtype=dt)
     for name, fn in [("argmax bf16", lambda: x.argmax(-1)), ("argmax f32", lambda: x.float().argmax(-1)),
-                     ("max dim", lambda: x.max(-1).indices), ("topk1", lambda: x.topk(1, -1).indices)]:
+                     ("max dim", lambda: x.max(-1).indices), ("topk1", lambda: x.topk(1, -1).indices),
+                     ("gptcore argmax_rows", lambda: argmax_rows(x))]:
         emit(B=B, what=name, us=do_bench_cudagraph(fn, rep=30) * 1e3)

@@ -88,34 +88,50 @@ Src src_of(const at::Tensor& t) {
 // Static destination row:  (b * H + h) * Tmax + pos[b] + t               in cache [B, H, Tmax, D]
 // Paged destination row:   (blk * H + h) * bs + (pos[b] + t) % bs, blk = block_table[b, (pos[b] + t) / bs]
 //                                                                        in cache [NB, H, bs, D]
+// Each thread moves kAppendUnroll vectors per loop trip (i, i + blockDim, ...): all their loads
+// are issued before the first store, so a thread keeps several loads in flight instead of one.
+constexpr int kAppendUnroll = 4;
+
 template <typename vec_t, bool PAGED, typename idx_t>
 __global__ void append_kernel(char* __restrict__ dst0, char* __restrict__ dst1, Src s0, Src s1,
                               const int64_t* __restrict__ pos, const idx_t* __restrict__ block_table,
                               Div div_vecs, Div div_t, Div div_h, Div div_b, unsigned int total,
                               int64_t H, int64_t t_cap, int64_t bs, int64_t max_blocks, int64_t num_blocks) {
-  for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
-    auto r = div_vecs.divmod(i);      // r.div = row, r.mod = vector in row
-    auto rt = div_t.divmod(r.div);    // t
-    auto rh = div_h.divmod(rt.div);   // h
-    auto rb = div_b.divmod(rh.div);   // b, which
-    const int64_t b = rb.mod, h = rh.mod, t = rt.mod;
-    const int64_t p = pos[b] + t;
-    int64_t row;
-    if constexpr (PAGED) {
-      const int64_t lb = p / bs;
-      if (p < 0 || lb >= max_blocks) continue;
-      const int64_t blk = static_cast<int64_t>(block_table[b * max_blocks + lb]);
-      if (blk < 0 || blk >= num_blocks) continue;
-      row = (blk * H + h) * bs + p % bs;
-    } else {
-      if (p < 0 || p >= t_cap) continue;
-      row = (b * H + h) * t_cap + p;
+  const int64_t row_vecs = div_vecs.divisor;
+  const unsigned int step = gridDim.x * blockDim.x * kAppendUnroll;
+  for (unsigned int i0 = blockIdx.x * blockDim.x * kAppendUnroll + threadIdx.x; i0 < total; i0 += step) {
+    vec_t val[kAppendUnroll];
+    vec_t* dst[kAppendUnroll];
+#pragma unroll
+    for (int u = 0; u < kAppendUnroll; ++u) {
+      dst[u] = nullptr;
+      const unsigned int i = i0 + u * blockDim.x;
+      if (i >= total) continue;
+      auto r = div_vecs.divmod(i);      // r.div = row, r.mod = vector in row
+      auto rt = div_t.divmod(r.div);    // t
+      auto rh = div_h.divmod(rt.div);   // h
+      auto rb = div_b.divmod(rh.div);   // b, which
+      const int64_t b = rb.mod, h = rh.mod, t = rt.mod;
+      const int64_t p = pos[b] + t;
+      int64_t row;
+      if constexpr (PAGED) {
+        const int64_t lb = p / bs;
+        if (p < 0 || lb >= max_blocks) continue;
+        const int64_t blk = static_cast<int64_t>(block_table[b * max_blocks + lb]);
+        if (blk < 0 || blk >= num_blocks) continue;
+        row = (blk * H + h) * bs + p % bs;
+      } else {
+        if (p < 0 || p >= t_cap) continue;
+        row = (b * H + h) * t_cap + p;
+      }
+      const Src& s = rb.div ? s1 : s0;
+      val[u] = reinterpret_cast<const vec_t*>(s.ptr + b * s.sb + h * s.sh + t * s.st)[r.mod];
+      dst[u] = reinterpret_cast<vec_t*>(rb.div ? dst1 : dst0) + row * row_vecs + r.mod;
     }
-    const Src& s = rb.div ? s1 : s0;
-    const auto* src = reinterpret_cast<const vec_t*>(s.ptr + b * s.sb + h * s.sh + t * s.st);
-    auto* dst = reinterpret_cast<vec_t*>(rb.div ? dst1 : dst0);
-    const int64_t row_vecs = div_vecs.divisor;
-    dst[row * row_vecs + r.mod] = src[r.mod];
+#pragma unroll
+    for (int u = 0; u < kAppendUnroll; ++u) {
+      if (dst[u] != nullptr) *dst[u] = val[u];
+    }
   }
 }
 
@@ -138,7 +154,7 @@ void launch_append(at::Tensor& c0, at::Tensor* c1, const at::Tensor& n0, const a
   char* d1 = static_cast<char*>(c1 ? c1->data_ptr() : c0.data_ptr());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const Div dv(row_vecs), dt(Tn), dh(H), db(B);
-  const unsigned int grid = blocks_for(total);
+  const unsigned int grid = blocks_for((total + kAppendUnroll - 1) / kAppendUnroll);
   dispatch_vec(vec, [&](auto v) {
     using vec_t = decltype(v);
     if (block_table == nullptr) {

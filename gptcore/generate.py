@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -81,11 +82,21 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     float32) picks token i with probability softmax(logits)_i, and never a filtered token.
     """
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return _argmax(logits)
     if noise is None:
         raise ValueError("sample: temperature > 0 needs noise, a (B, V) tensor of Exp(1) draws")
     scores = filter_logits(logits.float() / temperature, top_k, top_p)
-    return (scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log()).argmax(dim=-1)
+    return _argmax(scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log())
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x.argmax(-1) for (B, V): on CUDA gptcore's split argmax (same result; timed beside torch's
+    in bench/sweep_decode.py), elsewhere torch's."""
+    if x.is_cuda and x.dim() == 2 and importlib.util.find_spec("triton") is not None:
+        from gptcore.kernels.argmax import argmax_rows
+
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
 
 
 def _check_sampling(temperature, top_k, top_p, max_new_tokens):

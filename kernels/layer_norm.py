@@ -145,6 +145,7 @@ def _ln_bwd_kernel(
     HAS_DRES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_prog
@@ -154,17 +155,19 @@ def _ln_bwd_kernel(
         w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Each step loads the next step's rows before its own math, so those loads are in flight
-    # during the row reductions instead of the SM waiting on DRAM at the top of every step
+    # PREFETCH: each step loads the next step's rows before its own math, so those loads are in
+    # flight during the row reductions instead of the SM waiting on DRAM at the top of every step
     # (768-wide bf16 rows on an H100: 44 -> 36 us, bench/results/kernels_norm-sweep-bwd-*.jsonl).
+    # With dh (the fused residual) the extra registers cost more than the overlap gains there.
     rows = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     x, dy, dh, mean, rstd = _ln_bwd_load(X, DY, DH, MEAN, RSTD, rows, cols, col_ok, M, stride_x, stride_dy,
                                          stride_dh, HAS_DH)
     for r0 in range(0, rows_per_prog, BLOCK_M):
         # the next step's rows (past this program's run: masked, no loads; the last step's is idle)
         nrows = tl.where(r0 + BLOCK_M < rows_per_prog, rows + BLOCK_M, M)
-        nx, ndy, ndh, nmean, nrstd = _ln_bwd_load(X, DY, DH, MEAN, RSTD, nrows, cols, col_ok, M, stride_x,
-                                                  stride_dy, stride_dh, HAS_DH)
+        if PREFETCH:
+            nx, ndy, ndh, nmean, nrstd = _ln_bwd_load(X, DY, DH, MEAN, RSTD, nrows, cols, col_ok, M, stride_x,
+                                                      stride_dy, stride_dh, HAS_DH)
         row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         rows64 = rows.to(tl.int64)
@@ -188,7 +191,11 @@ def _ln_bwd_kernel(
         if HAS_DRES:
             tl.store(DRES + rows64[:, None] * N + cols[None, :], dx.to(DRES.dtype.element_ty), mask=mask)
         rows = nrows
-        x, dy, dh, mean, rstd = nx, ndy, ndh, nmean, nrstd
+        if PREFETCH:
+            x, dy, dh, mean, rstd = nx, ndy, ndh, nmean, nrstd
+        else:
+            x, dy, dh, mean, rstd = _ln_bwd_load(X, DY, DH, MEAN, RSTD, rows, cols, col_ok, M, stride_x,
+                                                 stride_dy, stride_dh, HAS_DH)
     if HAS_W:
         tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
     if HAS_B:
@@ -204,6 +211,7 @@ class LaunchConfig:
     num_warps: int
     num_stages: int = 1  # backward only: software pipelining of its row loop
     programs_per_sm: int = 0  # backward only: persistent grid size
+    prefetch_with_dh: bool = False  # backward only: prefetch rows also when dh is read (plain LN always does)
 
 
 @functools.lru_cache(maxsize=None)  # per call on the hot path; a pure function of n
@@ -281,8 +289,8 @@ def _backward(dy2, dh2, x2, weight, bias_dtype, mean, rstd, out_shape, dx_dtype,
         mean, rstd,
         M, N, x2.stride(0), dy2.stride(0), 0 if dh2 is None else dh2.stride(0), rows_per_prog,
         HAS_W=has_w, HAS_B=has_b, HAS_DH=dh2 is not None, HAS_DRES=dres is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PREFETCH=dh2 is None or cfg.prefetch_with_dh,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if part is None:
         return dx, dres, None, None

@@ -140,6 +140,35 @@ def test_decode_attention_appends_new_key(B, H, T, D, splits, paged):
         decode_attention(q, kc, vc, lengths, block_table=table if paged else None, k_new=k_new)
 
 
+@pytest.mark.parametrize("B,V", [(1, 50257), (3, 7), (5, 4097), (2, 1), (4, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_argmax_rows_matches_torch(B, V, dtype):
+    from gptcore.kernels.argmax import argmax_rows
+
+    x = torch.randn(B, V + 3, device=DEV).to(dtype)[:, :V]  # rows at a stride wider than V
+    assert torch.equal(argmax_rows(x), x.argmax(-1))
+    ties = torch.randint(-3, 3, (B, V), device=DEV).to(dtype)  # many equal maxima: the first wins
+    assert torch.equal(argmax_rows(ties), ties.argmax(-1))
+    masked = torch.full((B, V), float("-inf"), device=DEV, dtype=dtype)
+    assert torch.equal(argmax_rows(masked), masked.argmax(-1))
+    masked[:, -1] = 0.0
+    assert torch.equal(argmax_rows(masked), masked.argmax(-1))
+    if V > 2:
+        x = x.clone()
+        x[:, V // 2] = float("inf")
+        x[0, V - 1] = float("nan")  # NaN beats +inf, as in torch.argmax
+        assert torch.equal(argmax_rows(x), x.argmax(-1))
+
+
+def test_argmax_rows_rejects_bad_input():
+    from gptcore.kernels.argmax import argmax_rows
+
+    with pytest.raises(ValueError, match=r"\(B, V\)"):
+        argmax_rows(torch.randn(3, device=DEV))
+    with pytest.raises(TypeError, match="float32"):
+        argmax_rows(torch.ones(2, 3, dtype=torch.int64, device=DEV))
+
+
 def test_decode_attention_rejects_bad_input():
     from gptcore.kernels.decode_attention import decode_attention
 
