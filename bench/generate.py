@@ -199,6 +199,7 @@ def bench_append(dtype, quick) -> list[dict]:
     table = torch.randperm(B * mb, device=DEV).view(B, mb).to(torch.int32)
     pk = torch.zeros(B * mb, H, bs, D, device=DEV, dtype=dtype)
     pv = torch.zeros_like(pk)
+    kx, vx = k.contiguous(), v.contiguous()  # the same append from (B, H, Tn, D) contiguous sources
     moved = 2 * 2 * k.numel() * k.element_size()  # k and v, read + written
 
     def torch_slice():
@@ -214,6 +215,7 @@ def bench_append(dtype, quick) -> list[dict]:
     cases = [
         ("gptcore kv_append_kv", "same", lambda: ops.kv_append_kv(kc, vc, k, v, same)),
         ("gptcore kv_append_kv", "mixed", lambda: ops.kv_append_kv(kc, vc, k, v, mixed)),
+        ("gptcore kv_append_kv, contiguous k/v", "mixed", lambda: ops.kv_append_kv(kc, vc, kx, vx, mixed)),
         ("torch slice assign", "same", torch_slice),
         ("torch per-sequence loop", "mixed", torch_loop),
         ("gptcore paged_append", "mixed", lambda: ops.paged_append(pk, pv, k, v, table, mixed)),

@@ -4,6 +4,7 @@ were chosen). CUDA only; one JSON line per config: eager do_bench ms and CUDA-gr
     python bench/sweep_layer_norm.py OUT.jsonl      # bf16, 16384 rows, widths 768/1024/1600/4096 (~4 min on an H100)
     python bench/sweep_layer_norm.py OUT.jsonl bwd  # backward only: tile, warps, grid size, and the
                                                     # partial-sum kernel's tile (timed alone and in the backward)
+    python bench/sweep_layer_norm.py OUT.jsonl dh   # add+LN backward (reads dh too): row prefetch on/off
 """
 import itertools, json, sys, time
 import torch, triton
@@ -26,6 +27,19 @@ def bench(fn):
 
 orig_f, orig_b = L.fwd_config, L.bwd_config
 t_start = time.time()
+if len(sys.argv) > 2 and sys.argv[2] == "dh":
+    import dataclasses
+    for N in (768, 1024, 1600, 4096):
+        x = torch.randn(M, N, device="cuda", dtype=dt); dy = torch.randn_like(x); dh = torch.randn_like(x)
+        w = torch.randn(N, device="cuda", dtype=dt)
+        y, h, mean, rstd = L._forward(x, None, w, w, 1e-5, (M, N), dt)
+        for pf in (False, True):
+            cfg = dataclasses.replace(orig_b(N), prefetch_with_dh=pf)
+            L.bwd_config = lambda n, cfg=cfg: cfg
+            ms = do_bench_cudagraph(lambda: L._backward(dy, dh, x, w, dt, mean, rstd, (M, N), dt, dt), rep=50)
+            emit(N=N, kind="bwd_dh", prefetch_with_dh=pf, us=ms * 1e3, GBps=4 * M * N * 2 / ms / 1e6)
+        L.bwd_config = orig_b
+    sys.exit(0)
 if len(sys.argv) > 2 and sys.argv[2] == "bwd":
     import gptcore.kernels._rows as R
     orig_sp = R.SUM_PARTIALS_CONFIG

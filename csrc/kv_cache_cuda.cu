@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace gptcore {
 namespace {
@@ -92,10 +93,13 @@ Src src_of(const at::Tensor& t) {
 // are issued before the first store, so a thread keeps several loads in flight instead of one.
 constexpr int kAppendUnroll = 4;
 
-template <typename vec_t, bool PAGED, typename idx_t>
+// HEAD_INNER orders threads (b, t, which, h, v) instead: for sources whose heads sit closer in
+// memory than their tokens (the model's k, v views of one (B, T, 3, H, D) qkv buffer) a warp then
+// reads consecutive source bytes.
+template <typename vec_t, bool PAGED, bool HEAD_INNER, typename idx_t>
 __global__ void append_kernel(char* __restrict__ dst0, char* __restrict__ dst1, Src s0, Src s1,
                               const int64_t* __restrict__ pos, const idx_t* __restrict__ block_table,
-                              Div div_vecs, Div div_t, Div div_h, Div div_b, unsigned int total,
+                              Div div_vecs, Div div_t, Div div_h, Div div_b, Div div_w, unsigned int total,
                               int64_t H, int64_t t_cap, int64_t bs, int64_t max_blocks, int64_t num_blocks) {
   const int64_t row_vecs = div_vecs.divisor;
   const unsigned int step = gridDim.x * blockDim.x * kAppendUnroll;
@@ -108,10 +112,19 @@ __global__ void append_kernel(char* __restrict__ dst0, char* __restrict__ dst1, 
       const unsigned int i = i0 + u * blockDim.x;
       if (i >= total) continue;
       auto r = div_vecs.divmod(i);      // r.div = row, r.mod = vector in row
-      auto rt = div_t.divmod(r.div);    // t
-      auto rh = div_h.divmod(rt.div);   // h
-      auto rb = div_b.divmod(rh.div);   // b, which
-      const int64_t b = rb.mod, h = rh.mod, t = rt.mod;
+      int64_t b, h, t;
+      unsigned int which;
+      if constexpr (HEAD_INNER) {
+        auto rh = div_h.divmod(r.div);    // h
+        auto rw = div_w.divmod(rh.div);   // which
+        auto rt = div_t.divmod(rw.div);   // t, b
+        b = rt.div, h = rh.mod, t = rt.mod, which = rw.mod;
+      } else {
+        auto rt = div_t.divmod(r.div);    // t
+        auto rh = div_h.divmod(rt.div);   // h
+        auto rb = div_b.divmod(rh.div);   // b, which
+        b = rb.mod, h = rh.mod, t = rt.mod, which = rb.div;
+      }
       const int64_t p = pos[b] + t;
       int64_t row;
       if constexpr (PAGED) {
@@ -124,9 +137,9 @@ __global__ void append_kernel(char* __restrict__ dst0, char* __restrict__ dst1, 
         if (p < 0 || p >= t_cap) continue;
         row = (b * H + h) * t_cap + p;
       }
-      const Src& s = rb.div ? s1 : s0;
+      const Src& s = which ? s1 : s0;
       val[u] = reinterpret_cast<const vec_t*>(s.ptr + b * s.sb + h * s.sh + t * s.st)[r.mod];
-      dst[u] = reinterpret_cast<vec_t*>(rb.div ? dst1 : dst0) + row * row_vecs + r.mod;
+      dst[u] = reinterpret_cast<vec_t*>(which ? dst1 : dst0) + row * row_vecs + r.mod;
     }
 #pragma unroll
     for (int u = 0; u < kAppendUnroll; ++u) {
@@ -153,22 +166,31 @@ void launch_append(at::Tensor& c0, at::Tensor* c1, const at::Tensor& n0, const a
   char* d0 = static_cast<char*>(c0.data_ptr());
   char* d1 = static_cast<char*>(c1 ? c1->data_ptr() : c0.data_ptr());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const Div dv(row_vecs), dt(Tn), dh(H), db(B);
+  const Div dv(row_vecs), dt(Tn), dh(H), db(B), dw(tensors);
   const unsigned int grid = blocks_for((total + kAppendUnroll - 1) / kAppendUnroll);
+  const bool head_inner = H > 1 && Tn > 1 && s0.sh < s0.st && s1.sh < s1.st;
   dispatch_vec(vec, [&](auto v) {
     using vec_t = decltype(v);
-    if (block_table == nullptr) {
-      append_kernel<vec_t, false, int64_t><<<grid, kThreads, 0, stream>>>(
-          d0, d1, s0, s1, pos.data_ptr<int64_t>(), nullptr, dv, dt, dh, db,
-          static_cast<unsigned int>(total), H, c0.size(2), 1, 0, 0);
-    } else if (block_table->scalar_type() == at::kInt) {
-      append_kernel<vec_t, true, int32_t><<<grid, kThreads, 0, stream>>>(
-          d0, d1, s0, s1, pos.data_ptr<int64_t>(), block_table->data_ptr<int32_t>(), dv, dt, dh, db,
-          static_cast<unsigned int>(total), H, 0, c0.size(2), block_table->size(1), c0.size(0));
+    auto launch = [&](auto head_inner_tag) {
+      constexpr bool HI = decltype(head_inner_tag)::value;
+      if (block_table == nullptr) {
+        append_kernel<vec_t, false, HI, int64_t><<<grid, kThreads, 0, stream>>>(
+            d0, d1, s0, s1, pos.data_ptr<int64_t>(), nullptr, dv, dt, dh, db, dw,
+            static_cast<unsigned int>(total), H, c0.size(2), 1, 0, 0);
+      } else if (block_table->scalar_type() == at::kInt) {
+        append_kernel<vec_t, true, HI, int32_t><<<grid, kThreads, 0, stream>>>(
+            d0, d1, s0, s1, pos.data_ptr<int64_t>(), block_table->data_ptr<int32_t>(), dv, dt, dh, db, dw,
+            static_cast<unsigned int>(total), H, 0, c0.size(2), block_table->size(1), c0.size(0));
+      } else {
+        append_kernel<vec_t, true, HI, int64_t><<<grid, kThreads, 0, stream>>>(
+            d0, d1, s0, s1, pos.data_ptr<int64_t>(), block_table->data_ptr<int64_t>(), dv, dt, dh, db, dw,
+            static_cast<unsigned int>(total), H, 0, c0.size(2), block_table->size(1), c0.size(0));
+      }
+    };
+    if (head_inner) {
+      launch(std::true_type{});
     } else {
-      append_kernel<vec_t, true, int64_t><<<grid, kThreads, 0, stream>>>(
-          d0, d1, s0, s1, pos.data_ptr<int64_t>(), block_table->data_ptr<int64_t>(), dv, dt, dh, db,
-          static_cast<unsigned int>(total), H, 0, c0.size(2), block_table->size(1), c0.size(0));
+      launch(std::false_type{});
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
