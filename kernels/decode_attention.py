@@ -77,16 +77,17 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNe
         v_new = tl.load(VNew + b * snb + h * snh + offs_d * snd, mask=mask_d, other=0.0)
         if (pos >= start) & (pos < start + SPLIT_LEN):
             if PAGED:
-                pblk = tl.load(BlockTable + b * sbt + pos // PAGE).to(tl.int64)
-                ok = (pblk >= 0) & (pblk < num_blocks)
+                # the block id as a vector, so the bounds test is an elementwise mask like mask_d
+                pblk = tl.load(BlockTable + b * sbt + pos // PAGE + offs_d * 0).to(tl.int64)
+                ok = mask_d & (pblk >= 0) & (pblk < num_blocks)
                 pk = pblk * skb + (pos % PAGE) * skt
                 pv = pblk * svb + (pos % PAGE) * svt
-            else:
-                ok = pos >= 0
+            else:  # 0 <= start <= pos < capacity here
+                ok = mask_d
                 pk = b.to(tl.int64) * skb + pos * skt
                 pv = b.to(tl.int64) * svb + pos * svt
-            tl.store(k_head + pk + offs_d * skd, k_new.to(K.dtype.element_ty), mask=mask_d & ok)
-            tl.store(v_head + pv + offs_d * svd, v_new.to(V.dtype.element_ty), mask=mask_d & ok)
+            tl.store(k_head + pk + offs_d * skd, k_new.to(K.dtype.element_ty), mask=ok)
+            tl.store(v_head + pv + offs_d * svd, v_new.to(V.dtype.element_ty), mask=ok)
     # A fixed trip count (tiles past `end` are fully masked: no loads) keeps the loop static.
     for tile in range(SPLIT_LEN // BLOCK_N):
         offs_n = start + tile * BLOCK_N + tl.arange(0, BLOCK_N)
