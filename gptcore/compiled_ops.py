@@ -257,6 +257,75 @@ def _attn_backward(ctx, do, _dlse):
 _attn_fwd.register_autograd(_attn_backward, setup_context=_attn_setup)
 
 
+@torch.library.custom_op("gptcore::attention_qkv", mutates_args=())
+def _attn_qkv_fwd(qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, scale: float,
+                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """qkv (B, T, 3 H D) packed -> o (B, H, T, D) contiguous, lse (B, H, T) fp32."""
+    q, k, v = _attn.split_qkv(qkv.contiguous(), n_heads)
+    return _attn._forward(q, k, v, causal, dropout_p, scale, 0 if seed is None else int(seed), bthd_out=False)
+
+
+@_attn_qkv_fwd.register_fake
+def _(qkv, n_heads, causal, dropout_p, scale, seed):
+    B, T, C3 = qkv.shape
+    return qkv.new_empty((B, n_heads, T, C3 // (3 * n_heads))), qkv.new_empty((B, n_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gptcore::attention_qkv_backward", mutates_args=())
+def _attn_qkv_bwd(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, n_heads: int, causal: bool, dropout_p: float,
+                  scale: float, seed: Optional[Tensor]) -> Tensor:
+    """-> dqkv (B, T, 3 H D) contiguous, written by the kernels in place of three separate grads."""
+    qkv = qkv.contiguous()
+    dqkv = torch.empty_like(qkv)
+    _attn._backward(do, *_attn.split_qkv(qkv, n_heads), o, lse, causal, dropout_p, scale,
+                    0 if seed is None else int(seed), out=_attn.split_qkv(dqkv, n_heads))
+    return dqkv
+
+
+@_attn_qkv_bwd.register_fake
+def _(do, qkv, o, lse, n_heads, causal, dropout_p, scale, seed):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attn_qkv_setup(ctx, inputs, output):
+    qkv, n_heads, causal, dropout_p, scale, seed = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, seed)
+    ctx.args = (n_heads, causal, dropout_p, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _attn_qkv_backward(ctx, do, _dlse):
+    qkv, o, lse, seed = ctx.saved_tensors
+    n_heads, causal, dropout_p, scale = ctx.args
+    return _attn_qkv_bwd(do, qkv, o, lse, n_heads, causal, dropout_p, scale, seed), None, None, None, None, None
+
+
+_attn_qkv_fwd.register_autograd(_attn_qkv_backward, setup_context=_attn_qkv_setup)
+
+
+def _seed_tensor(dropout_p: float, seed: int | None) -> Optional[Tensor]:
+    """The dropout seed as a (1,) int64 CPU tensor (drawn when None); None without dropout."""
+    if seed is not None and not 0 <= int(seed) < 2**31:
+        raise ValueError(f"attention: seed must be in [0, 2**31), got {seed}")
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)])
+    return None
+
+
+def attention_qkv(qkv, n_heads: int, causal: bool = True, dropout_p: float = 0.0, scale: float | None = None,
+                  seed: int | None = None) -> Tensor:
+    """gptcore.kernels.attention.attention_qkv as a custom op (packed qkv in, packed dqkv out)."""
+    scale = None if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if not torch.compiler.is_compiling():
+        _attn._check_qkv(qkv, n_heads)
+        _attn._check_inputs(*_attn.split_qkv(qkv, n_heads), causal, dropout_p, scale)
+    scale = 1.0 / math.sqrt(qkv.shape[2] // (3 * n_heads)) if scale is None else scale
+    o, _ = _attn_qkv_fwd(qkv, int(n_heads), bool(causal), dropout_p, scale, _seed_tensor(dropout_p, seed))
+    return o
+
+
 def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale: float | None = None,
               seed: int | None = None) -> Tensor:
     """gptcore.kernels.attention.attention as a custom op; seed as there (see the header on
@@ -266,11 +335,7 @@ def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale: float
     if not torch.compiler.is_compiling():
         _attn._check_inputs(q, k, v, causal, dropout_p, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if seed is not None and not 0 <= int(seed) < 2**31:
-        raise ValueError(f"attention: seed must be in [0, 2**31), got {seed}")
-    seed_t = None  # (1,) int64 on the CPU; unused without dropout
-    if dropout_p > 0.0:
-        seed_t = torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)])
+    seed_t = _seed_tensor(dropout_p, seed)
     q, k, v = (_attn._last_dim_contiguous(t) for t in (q, k, v))
     o, _ = _attn_fwd(q, k, v, bool(causal), dropout_p, scale, seed_t)
     return o

@@ -50,6 +50,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ops: Ops, rope=None, kv_cache=None, layer: int = 0):
         B, T, C = x.shape
         qkv = self.c_attn(x)  # (B, T, 3C)
+        if kv_cache is None and rope is None and ops.attention_qkv is not None:
+            # q, k, v read in place from qkv, and the gradient written as one packed dqkv
+            p = self.drop_rate if self.training else 0.0
+            y = ops.attention_qkv(qkv, self.n_heads, causal=True, dropout_p=p, scale=None)  # (B, H, T, D)
+            return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
         q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         if rope is not None:
             cos, sin = rope

@@ -22,7 +22,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ class Ops:
     gelu: Callable
     attention: Callable
     report: dict = field(default_factory=dict)
+    # attention over the packed c_attn output (B, T, 3C) with a packed gradient, where the backend
+    # has one (triton); the model falls back to attention(*split) otherwise
+    attention_qkv: Optional[Callable] = None
 
 
 def triton_status() -> str | None:
@@ -154,7 +157,13 @@ def get_ops(backend: str) -> Ops:
             return gelu(h, bias, out_dtype=h.dtype)
 
         rep["fc_gelu"] = "torch F.linear + " + ("triton gelu(bias)" if rep["gelu"] == "triton" else rep["gelu"])
-        return Ops("triton", impl["layer_norm"], fc_gelu, gelu, impl["attention"], rep)
+        attention_qkv = None
+        if rep["attention"] == "triton":
+            from gptcore import compiled_ops
+            from gptcore.kernels.attention import attention_qkv as _attention_qkv
+
+            attention_qkv = _compile_aware(_attention_qkv, compiled_ops.attention_qkv)
+        return Ops("triton", impl["layer_norm"], fc_gelu, gelu, impl["attention"], rep, attention_qkv)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 

@@ -633,15 +633,21 @@ def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int, bthd
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, seed: int):
+def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, seed: int, out=None):
+    """-> dq, dk, dv. out: optional (dq, dk, dv) views to write instead (dk and dv with equal
+    strides, last dim unit-stride), e.g. the three parts of one packed dqkv buffer."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if do.stride(-1) != 1:
         do = do.contiguous()
     delta = _alloc((B, H, Tq), torch.float32, q.device)
-    dq = _alloc((B, H, Tq, D), q.dtype, q.device)
-    dk = _alloc((B, H, Tk, D), k.dtype, k.device)
-    dv = _alloc((B, H, Tk, D), v.dtype, v.device)
+    if out is None:
+        dq = _alloc((B, H, Tq, D), q.dtype, q.device)
+        dk = _alloc((B, H, Tk, D), k.dtype, k.device)
+        dv = _alloc((B, H, Tk, D), v.dtype, v.device)
+    else:
+        dq, dk, dv = out
+        assert dk.stride() == dv.stride() and dq.stride(-1) == dk.stride(-1) == 1, "dk, dv must share strides"
     drop_scale = 1.0 / (1.0 - p_drop)
     dropout = p_drop > 0.0
     prec = _dot_prec(q.dtype)
@@ -746,6 +752,65 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+def split_qkv(qkv: torch.Tensor, n_heads: int):
+    """(B, T, 3 * H * D) -> q, k, v (B, H, T, D) views, the model's layout of one c_attn output."""
+    B, T, C3 = qkv.shape
+    return qkv.view(B, T, 3, n_heads, C3 // (3 * n_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+class _AttentionQKV(torch.autograd.Function):
+    """Attention over q, k, v read in place from one packed (B, T, 3C) tensor; the backward writes
+    dq, dk, dv straight into one packed dqkv (no stack/permute copy of three separate grads)."""
+
+    @staticmethod
+    def forward(ctx, qkv, n_heads, causal, dropout_p, scale, seed):
+        q, k, v = split_qkv(qkv, n_heads)
+        o, lse = _forward(q, k, v, causal, dropout_p, scale, seed)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.n_heads, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = n_heads, causal, dropout_p, scale, seed
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+        _backward(do, *split_qkv(qkv, ctx.n_heads), o, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
+                  out=split_qkv(dqkv, ctx.n_heads))
+        return dqkv, None, None, None, None, None
+
+
+def _check_qkv(qkv, n_heads: int) -> None:
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        raise ValueError(f"attention_qkv: qkv must be a (B, T, 3 * n_heads * head_dim) tensor, got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    if n_heads < 1 or qkv.shape[2] % (3 * n_heads):
+        raise ValueError(f"attention_qkv: last dim {qkv.shape[2]} is not 3 * n_heads * head_dim for "
+                         f"n_heads={n_heads}")
+
+
+def _seed_for(dropout_p: float, seed: int | None) -> int:
+    if dropout_p > 0.0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    seed = 0 if seed is None else int(seed)
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"attention: seed must be in [0, 2**31), got {seed}")
+    return seed
+
+
+def attention_qkv(qkv, n_heads: int, causal: bool = True, dropout_p: float = 0.0, scale: float | None = None,
+                  seed: int | None = None) -> torch.Tensor:
+    """attention(*split_qkv(qkv, n_heads), ...) for the model's packed c_attn output (B, T, 3C);
+    same result, and its gradient arrives as one packed (B, T, 3C) tensor. Returns (B, H, T, D)."""
+    _check_qkv(qkv, n_heads)
+    scale = None if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    _check_inputs(*split_qkv(qkv, n_heads), causal, dropout_p, scale)
+    scale = 1.0 / math.sqrt(qkv.shape[2] // (3 * n_heads)) if scale is None else scale
+    return _AttentionQKV.apply(qkv, int(n_heads), bool(causal), dropout_p, scale, _seed_for(dropout_p, seed))
+
+
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -764,11 +829,7 @@ def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale: float
     dropout_p = float(dropout_p)
     _check_inputs(q, k, v, causal, dropout_p, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = 0 if seed is None else int(seed)
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"attention: seed must be in [0, 2**31), got {seed}")
+    seed = _seed_for(dropout_p, seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return _Attention.apply(q, k, v, bool(causal), dropout_p, scale, seed)
 

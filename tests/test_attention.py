@@ -149,6 +149,38 @@ def test_non_contiguous_inputs_like_the_model():
     assert_error_within(dqkv, low_d, ref_d, atol=ATOL[dtype], name="dqkv")
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_qkv_packed_equals_split_views(dropout_p):
+    """attention_qkv (packed qkv in, packed dqkv out) gives exactly what attention over the split
+    views gives, output and gradient; also non-causal and with a custom scale."""
+    from gptcore.kernels.attention import attention_qkv, split_qkv
+
+    B, T, H, D = (2, 1023, 12, 64) if ON_GPU else (2, 19, 2, 16)
+    dtype = DTYPES[-1]
+    for causal, scale in ((True, None), (False, 0.3)):
+        qkv = _randn((B, T, 3 * H * D), dtype, seed=5).requires_grad_()
+        dy = _randn((B, H, T, D), dtype, seed=6)
+        out = attention_qkv(qkv, H, causal=causal, dropout_p=dropout_p, scale=scale, seed=11)
+        (dqkv,) = torch.autograd.grad(out, qkv, dy)
+        ref_qkv = qkv.detach().clone().requires_grad_()
+        want = attention(*split_qkv(ref_qkv, H), causal=causal, dropout_p=dropout_p, scale=scale, seed=11)
+        (want_d,) = torch.autograd.grad(want, ref_qkv, dy)
+        assert torch.equal(out, want) and torch.equal(dqkv, want_d)
+        assert dqkv.is_contiguous() and dqkv.shape == qkv.shape
+
+
+def test_attention_qkv_rejects_bad_shapes():
+    from gptcore.kernels.attention import attention_qkv
+
+    x = _randn((2, 5, 3 * 2 * 16), DTYPES[-1], seed=0)
+    with pytest.raises(ValueError, match="3 \\* n_heads"):
+        attention_qkv(x, 5)
+    with pytest.raises(ValueError, match="qkv must be"):
+        attention_qkv(x[0], 2)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention_qkv(_randn((1, 5, 3 * 2 * 24), DTYPES[-1], seed=0), 2)
+
+
 def test_custom_scale():
     q, k, v = _qkv(1, 2, 17, 17, 32, DTYPES[0], seed=5)
     out = attention(q, k, v, causal=True, scale=0.3)

@@ -136,6 +136,21 @@ def test_attention_op_matches_kernel(poisoned, causal, Tq, Tk, dtype, dropout_p,
     _assert_equal(run(compiled_ops.attention), run(attention))
 
 
+@pytest.mark.parametrize("causal,dropout_p,seed", [(True, 0.0, None), (False, 0.25, 1234)])
+def test_attention_qkv_op_matches_kernel(causal, dropout_p, seed):
+    from gptcore.kernels.attention import attention_qkv
+
+    B, T, H, D = 2, 13, 2, 16
+    qkv = torch.randn(B, T, 3 * H * D, device=DEV)
+    go = torch.randn(B, H, T, D, device=DEV)
+
+    def run(fn):
+        leaves = _leaves(qkv)
+        return _outs_and_grads([fn(*leaves, H, causal, dropout_p, None, seed)], [go], leaves)
+
+    _assert_equal(run(compiled_ops.attention_qkv), run(attention_qkv))
+
+
 def test_attention_draws_the_seed_like_the_kernel():
     """seed=None with dropout: the custom op draws its seed from torch's CPU generator as the eager
     kernel does (same mask after the same torch.manual_seed), also compiled; a new seed, a new mask."""
@@ -160,6 +175,7 @@ def _opcheck_cases():
     mean, rstd = torch.randn(3, device=DEV), torch.rand(3, device=DEV) + 0.5
     q, k, v = _qkv(1, 2, 8, 8, 16, f32)
     o, lse = torch.randn_like(q), torch.randn(1, 2, 8, device=DEV)
+    qkv = torch.randn(1, 8, 3 * 2 * 16, device=DEV)
     seed = torch.tensor([3])
     g = torch.ops.gptcore
     return {
@@ -172,6 +188,9 @@ def _opcheck_cases():
         "add_layer_norm_backward": (g.add_layer_norm_backward, (r, None, x, w, b, mean, rstd, f16, f32)),
         "gelu_backward": (g.gelu_backward, (r, x, None)),
         "attention_backward": (g.attention_backward, (torch.randn_like(q), q, k, v, o, lse, False, 0.0, 0.25, None)),
+        "attention_qkv": (g.attention_qkv, (qkv, 2, True, 0.3, 0.25, seed)),
+        "attention_qkv_backward": (g.attention_qkv_backward, (torch.randn_like(q), qkv, o, lse, 2, True, 0.0, 0.25,
+                                                              None)),
     }
 
 
@@ -222,8 +241,11 @@ def test_triton_backend_eager_runs_the_functions_compiled_the_ops():
     idx = torch.randint(0, 97, (2, 8), device=DEV)
     torch.compile(model.loss, backend=capture, fullgraph=True)(idx, idx)
     names = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    counts = {op: names.count(f"gptcore.{op}.default") for op in ("layer_norm", "add_layer_norm", "gelu", "attention")}
-    assert counts == {"layer_norm": 1, "add_layer_norm": 2, "gelu": 1, "attention": 1}, (counts, names)
+    ops_seen = ("layer_norm", "add_layer_norm", "gelu", "attention", "attention_qkv")
+    counts = {op: names.count(f"gptcore.{op}.default") for op in ops_seen}
+    # the model's attention takes the packed c_attn output (attention_qkv), not three views
+    assert counts == {"layer_norm": 1, "add_layer_norm": 2, "gelu": 1, "attention": 0, "attention_qkv": 1}, (
+        counts, names)
 
 
 # ---- a whole training step under torch.compile ---------------------------------------------------
