@@ -42,7 +42,6 @@ Tests: python -m pytest -q tests/test_compile_ops.py
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -102,19 +101,18 @@ _layer_norm = autograd_op("gptcore::layer_norm", _ln_fwd, _ln_bwd, n_outputs=1, 
 # ---- LayerNorm of x + residual: returns (y, h) ---------------------------------------------------
 @torch.library.custom_op("gptcore::add_layer_norm", mutates_args=())
 def _add_ln_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h = x + residual (promoted dtype), y = LN(h) (out_dtype, default h's): -> y, h (x's shape),
-    mean, rstd (M,) fp32."""
+                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + residual (promoted dtype), y = LN(h): -> y, h (x's shape), mean, rstd (M,) fp32."""
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype, out_dtype)
+    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype)
 
 
 @_add_ln_fwd.register_fake
-def _(x, residual, weight, bias, eps, out_dtype=None):
+def _(x, residual, weight, bias, eps):
     _ln._check(x, weight, bias, residual)
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
     m = math.prod(x.shape[:-1])
-    return (x.new_empty(x.shape, dtype=out_dtype or h_dtype), x.new_empty(x.shape, dtype=h_dtype),
+    return (x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=h_dtype),
             x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
 
 
@@ -137,7 +135,7 @@ def _(dy, dh, h, weight, bias, mean, rstd, x_dtype, res_dtype):
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, bias, _eps, _out_dtype = inputs
+    x, residual, weight, bias, _eps = inputs
     _y, h, mean, rstd = output
     ctx.save_for_backward(h, weight, bias, mean, rstd)  # LN's input is h: x and residual are not kept
     ctx.dtypes = (x.dtype, residual.dtype)
@@ -148,7 +146,7 @@ def _add_ln_setup(ctx, inputs, output):
 def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None
     if dy is None:
         dy = torch.zeros_like(h)
     dx, dres, dw, db = _add_ln_bwd(dy, dh, h, weight, bias, mean, rstd, *ctx.dtypes)
@@ -156,7 +154,7 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
         dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
     need = ctx.needs_input_grad
     return (dx, dres, dw if weight is not None and need[2] else None, db if bias is not None and need[3] else None,
-            None, None)
+            None)
 
 
 _add_ln_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
@@ -167,11 +165,6 @@ _add_ln_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 # attention -> matmul -> LN ...) with no pointwise node between them, and Inductor's GPU lowering
 # stringifies such chains recursively: compile time blew up exponentially with depth (no result
 # after 5 minutes for 12 layers). The cast is one Inductor pointwise kernel, as autocast's was.
-# Experiment (GPTCORE_LN_OUT_DTYPE_IN_OP=1): the fused add+LN op stores out_dtype itself, with
-# GELU's output already in the Linear's dtype (ops.fc_gelu), to see whether Inductor still blows up.
-LN_OUT_DTYPE_IN_OP = os.environ.get("GPTCORE_LN_OUT_DTYPE_IN_OP") == "1"
-
-
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):
     """gptcore.kernels.layer_norm.layer_norm as custom ops: y, or (y, x + residual) with a residual."""
     if not torch.compiler.is_compiling():
@@ -179,9 +172,6 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None
     if residual is None:
         y = _layer_norm(x, weight, bias, float(eps))
         return y if out_dtype is None else y.to(out_dtype)
-    if LN_OUT_DTYPE_IN_OP:
-        y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps), out_dtype)
-        return y, h
     y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps))
     return (y if out_dtype is None else y.to(out_dtype)), h
 
