@@ -9,6 +9,9 @@ zero_grad(set_to_none=True), on synthetic token ids. Configurations (rows), in t
     triton           gptcore's kernels + the chunked LM head/cross-entropy (gptcore.loss)
     torch+compile    torch.compile(model.loss) of the baseline (Inductor fuses the loss itself)
     triton+compile   torch.compile(model.loss) of the triton backend
+    torch+compile-cg, triton+compile-cg
+                     the same with mode="reduce-overhead": the compiled forward and backward replay
+                     as CUDA graphs (no per-op host work); named in --configs only
     torch+fusedCE    the torch backend's default: PyTorch's ops + the chunked loss (torch row step)
     reference        the textbook path (explicit T x T softmax): the oracle, slow and big
 
@@ -45,6 +48,8 @@ class Config:
     compile: bool
     fused_loss: bool
     est_s: float  # rough wall time on an H100, for the budget
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    on_request: bool = False  # runs only when named in --configs
 
 
 CONFIGS = (
@@ -54,6 +59,8 @@ CONFIGS = (
     Config("triton+compile", "triton", True, True, 90),
     Config("torch+fusedCE", "torch", False, True, 10),
     Config("reference", "reference", False, False, 20),
+    Config("torch+compile-cg", "torch", True, False, 120, "reduce-overhead", True),
+    Config("triton+compile-cg", "triton", True, True, 120, "reduce-overhead", True),
 )
 
 
@@ -120,7 +127,8 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
             counters.clear()
         except ImportError:
             pass
-        loss_fn = torch.compile(model.loss)
+        loss_fn = torch.compile(model.loss, mode=c.compile_mode)
+        row["compile_mode"] = c.compile_mode or "default"
     step = _make_step(model, opt, x, y, c.fused_loss, loss_fn)
     t0 = time.perf_counter()
     for _ in range(3):  # compile / Triton JIT / autotuning / AdamW state allocation
@@ -220,7 +228,7 @@ def run(quick: bool = False, preset: str = "gpt2", batch_size: int = 16, seq_len
     t_start = time.perf_counter()
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
-    wanted = [c for c in CONFIGS if configs is None or c.label in configs]
+    wanted = [c for c in CONFIGS if (configs is None and not c.on_request) or (configs and c.label in configs)]
     if configs:
         unknown = set(configs) - {c.label for c in CONFIGS}
         if unknown:
@@ -288,6 +296,7 @@ def _print_targets(rows: list[dict]) -> None:
     checks = [  # (fast, baseline, wanted speed ratio, memory test, memory wording)
         ("triton", "torch", 1.3, lambda m: m <= 0.65, "<= 0.65x"),
         ("triton+compile", "torch+compile", 1.0, lambda m: m < 1.0, "< 1x"),
+        ("triton+compile-cg", "torch+compile-cg", 1.0, lambda m: m < 1.0, "< 1x"),
     ]
     for fast, ref, speed, mem_ok, mem_txt in checks:
         if fast in t and ref in t:
