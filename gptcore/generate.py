@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import functools
 import importlib.util
 import sys
 import time
@@ -89,10 +90,15 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] 
     return _argmax(scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log())
 
 
+@functools.lru_cache(maxsize=None)
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1) for (B, V): on CUDA gptcore's split argmax (same result; timed beside torch's
     in bench/sweep_decode.py), elsewhere torch's."""
-    if x.is_cuda and x.dim() == 2 and importlib.util.find_spec("triton") is not None:
+    if x.is_cuda and x.dim() == 2 and _have_triton():
         from gptcore.kernels.argmax import argmax_rows
 
         return argmax_rows(x)

@@ -212,17 +212,16 @@ class _Cache:
         """Store k, v (B, H, 1, D); return attention of q (B, H, 1, D) over each sequence's keys."""
         kc, vc = self._layer(layer)
         table = self._block_table()
-        if self.attention == "triton" and k.dtype == kc.dtype and v.dtype == vc.dtype:
-            from gptcore.kernels.decode_attention import decode_attention
-
-            # one launch: the kernel stores k, v at each sequence's write position (lengths - 1,
-            # bounds checked by reserve()) and attends to them with the rest of the cache
-            return decode_attention(q, kc, vc, self.lengths, block_table=table, k_new=k, v_new=v)
-        self._store(layer, k, v)
         if self.attention == "triton":
             from gptcore.kernels.decode_attention import decode_attention
 
+            if k.dtype == kc.dtype and v.dtype == vc.dtype:
+                # one launch: the kernel stores k, v at each sequence's write position (lengths - 1,
+                # bounds checked by reserve()) and attends to them with the rest of the cache
+                return decode_attention(q, kc, vc, self.lengths, block_table=table, k_new=k, v_new=v)
+            self._store(layer, k, v)
             return decode_attention(q, kc, vc, self.lengths, block_table=table)
+        self._store(layer, k, v)
         if self.attention == "reference":
             return decode_attention_ref(q, kc, vc, self.lengths, block_table=table)
         # torch: SDPA over the whole capacity with a per-sequence length mask. Static shapes: the
