@@ -14,10 +14,11 @@ autograd sees a registered backward that is itself a custom op, and Inductor fus
 ops around the kernels. torch.compile(..., fullgraph=True) traces a whole training step.
 
 Ops (namespace gptcore; the launchers run unchanged inside them):
-  layer_norm(x, weight?, bias?, eps)               -> y, mean, rstd       (gelu, layer_norm: via
+  layer_norm(x, weight?, bias?, eps, out_dtype?)   -> y, mean, rstd       (gelu, layer_norm: via
   gelu(x, bias?)                                   -> y                    custom_ops.autograd_op)
-  add_layer_norm(x, residual, weight?, bias?, eps) -> y, h, mean, rstd
-(the public wrappers' out_dtype is a cast after the op; see layer_norm below)
+  add_layer_norm(x, residual, weight?, bias?, eps, out_dtype?) -> y, h, mean, rstd
+(the LN kernels store y in out_dtype; gelu's out_dtype is a cast after the op, and the model's
+fc_gelu passes the bias in the Linear's dtype under compile, so the cast has nothing to do)
   attention(q, k, v, causal, dropout_p, scale, seed?) -> o, lse
 add_layer_norm and attention register their autograd directly: their backward reads a result
 (h, o), and add_layer_norm's backward must not keep x and residual alive (only h) and returns
@@ -27,6 +28,9 @@ output that has no meaning (d weight without a weight, a d residual equal to d x
 
 Eager cost: a custom-op call costs tens of microseconds of host dispatch. gptcore.ops therefore
 runs the kernels' autograd.Functions in eager and these ops only while dynamo traces.
+
+Every gptcore op is registered as an explicit Inductor fallback before Inductor lowers it (see
+_inductor_fallbacks: torch 2.11's implicit-fallback path made compile time exponential in depth).
 
 Input checks run in the public functions in eager and in the fake impls while compiling (once,
 at trace time, on the fake tensors' metadata), with the kernels' own error messages.
@@ -67,22 +71,64 @@ def _empty_or_like(p: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(0) if p is None else p.new_empty(p.shape)
 
 
+# ---- Inductor: explicit fallbacks for these ops ---------------------------------------------------
+_FALLBACKS_DONE = False
+
+
+def _inductor_fallbacks() -> None:
+    """Register every gptcore:: op as an Inductor fallback kernel before Inductor meets it.
+
+    Inductor lowers an op it has no lowering for through an "implicit fallback", and torch 2.11
+    first formats a log message that prints the op's arguments as IR. Those arguments print their
+    producers, which print theirs: down a GPT's chain of opaque ops (LN -> matmul -> attention ->
+    matmul -> LN ...) the string grows exponentially with depth, and compiling a 12-layer model
+    never finished (the stack was in ir.__str__ after minutes). An explicit fallback, with the
+    layout constraint the implicit path would choose, takes Inductor's other branch and prints
+    nothing. Called from the ops' fake impls, which run while dynamo traces (before Inductor
+    lowers anything); a private-API change in torch only brings the slow path back.
+    """
+    global _FALLBACKS_DONE
+    if _FALLBACKS_DONE:
+        return
+    _FALLBACKS_DONE = True
+    try:
+        from torch._inductor import lowering
+        from torch._library.utils import get_layout_constraint_tag
+    except ImportError:
+        return
+    for name in torch._C._dispatch_get_all_op_names():
+        ns, _, op_name = name.partition("::")
+        if ns != "gptcore":
+            continue
+        op_name, _, overload = op_name.partition(".")
+        try:
+            op = getattr(getattr(torch.ops.gptcore, op_name), overload or "default")
+            if op in lowering.lowerings:
+                continue
+            constraint = lowering.tag_to_layout_constraint(get_layout_constraint_tag(op, with_default=True))
+            lowering.make_fallback(op, layout_constraint=constraint, warn=False)
+        except (AttributeError, TypeError, AssertionError):
+            continue
+
+
 # ---- LayerNorm without residual ---------------------------------------------------------------
-def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """x (..., N) -> y (x's shape and dtype), mean, rstd (M,) fp32."""
-    y, _, mean, rstd = _ln._forward(as_rows(x), None, _vec(weight), _vec(bias), eps, x.shape, x.dtype)
+def _ln_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            out_dtype: Optional[torch.dtype]) -> tuple[Tensor, Tensor, Tensor]:
+    """x (..., N) -> y (x's shape; out_dtype, default x's), mean, rstd (M,) fp32."""
+    y, _, mean, rstd = _ln._forward(as_rows(x), None, _vec(weight), _vec(bias), eps, x.shape, x.dtype, out_dtype)
     return y, mean, rstd
 
 
-def _ln_fwd_fake(x, weight, bias, eps):
-    _ln._check(x, weight, bias, None)
+def _ln_fwd_fake(x, weight, bias, eps, out_dtype):
+    _inductor_fallbacks()
+    _ln._check(x, weight, bias, None, out_dtype)
     m = math.prod(x.shape[:-1])
     f32 = dict(dtype=torch.float32)
-    return x.new_empty(x.shape), x.new_empty(m, **f32), x.new_empty(m, **f32)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), x.new_empty(m, **f32), x.new_empty(m, **f32)
 
 
-def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, mean: Tensor,
-            rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+            out_dtype: Optional[torch.dtype], mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """-> dx (x's shape and dtype), d weight, d bias (their dtypes; (0,) when absent)."""
     bias_dtype = None if bias is None else bias.dtype
     dx, _, dw, db = _ln._backward(as_rows(dy), None, as_rows(x), _vec(weight), bias_dtype, mean, rstd, x.shape,
@@ -90,7 +136,7 @@ def _ln_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     return dx, _or_empty(dw, x), _or_empty(db, x)
 
 
-def _ln_bwd_fake(dy, x, weight, bias, eps, mean, rstd):
+def _ln_bwd_fake(dy, x, weight, bias, eps, out_dtype, mean, rstd):
     return x.new_empty(x.shape), _empty_or_like(weight, x), _empty_or_like(bias, x)
 
 
@@ -101,18 +147,20 @@ _layer_norm = autograd_op("gptcore::layer_norm", _ln_fwd, _ln_bwd, n_outputs=1, 
 # ---- LayerNorm of x + residual: returns (y, h) ---------------------------------------------------
 @torch.library.custom_op("gptcore::add_layer_norm", mutates_args=())
 def _add_ln_fwd(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """h = x + residual (promoted dtype), y = LN(h): -> y, h (x's shape), mean, rstd (M,) fp32."""
+                eps: float, out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """h = x + residual (promoted dtype), y = LN(h) (out_dtype, default h's): -> y, h (x's shape),
+    mean, rstd (M,) fp32."""
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
-    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype)
+    return _ln._forward(as_rows(x), as_rows(residual), _vec(weight), _vec(bias), eps, x.shape, h_dtype, out_dtype)
 
 
 @_add_ln_fwd.register_fake
-def _(x, residual, weight, bias, eps):
-    _ln._check(x, weight, bias, residual)
+def _(x, residual, weight, bias, eps, out_dtype=None):
+    _inductor_fallbacks()
+    _ln._check(x, weight, bias, residual, out_dtype)
     h_dtype = torch.promote_types(x.dtype, residual.dtype)
     m = math.prod(x.shape[:-1])
-    return (x.new_empty(x.shape, dtype=h_dtype), x.new_empty(x.shape, dtype=h_dtype),
+    return (x.new_empty(x.shape, dtype=out_dtype or h_dtype), x.new_empty(x.shape, dtype=h_dtype),
             x.new_empty(m, dtype=torch.float32), x.new_empty(m, dtype=torch.float32))
 
 
@@ -135,7 +183,7 @@ def _(dy, dh, h, weight, bias, mean, rstd, x_dtype, res_dtype):
 
 
 def _add_ln_setup(ctx, inputs, output):
-    x, residual, weight, bias, _eps = inputs
+    x, residual, weight, bias, _eps, _out_dtype = inputs
     _y, h, mean, rstd = output
     ctx.save_for_backward(h, weight, bias, mean, rstd)  # LN's input is h: x and residual are not kept
     ctx.dtypes = (x.dtype, residual.dtype)
@@ -146,7 +194,7 @@ def _add_ln_setup(ctx, inputs, output):
 def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, bias, mean, rstd = ctx.saved_tensors
     if dy is None and dh is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     if dy is None:
         dy = torch.zeros_like(h)
     dx, dres, dw, db = _add_ln_bwd(dy, dh, h, weight, bias, mean, rstd, *ctx.dtypes)
@@ -154,26 +202,21 @@ def _add_ln_backward(ctx, dy, dh, _dmean, _drstd):
         dres = dx  # d x = d residual: one tensor serves both (as autograd does for x + r)
     need = ctx.needs_input_grad
     return (dx, dres, dw if weight is not None and need[2] else None, db if bias is not None and need[3] else None,
-            None)
+            None, None)
 
 
 _add_ln_fwd.register_autograd(_add_ln_backward, setup_context=_add_ln_setup)
 
 
-# The public wrappers apply out_dtype as a cast after the op, not inside it: with the kernel
-# storing out_dtype itself, a GPT-2's whole forward became a chain of opaque nodes (LN -> matmul ->
-# attention -> matmul -> LN ...) with no pointwise node between them, and Inductor's GPU lowering
-# stringifies such chains recursively: compile time blew up exponentially with depth (no result
-# after 5 minutes for 12 layers). The cast is one Inductor pointwise kernel, as autocast's was.
 def layer_norm(x, weight, bias, eps: float = 1e-5, residual=None, out_dtype=None):
-    """gptcore.kernels.layer_norm.layer_norm as custom ops: y, or (y, x + residual) with a residual."""
+    """gptcore.kernels.layer_norm.layer_norm as custom ops: y, or (y, x + residual) with a residual.
+    The kernel stores y in out_dtype itself (no fp32 y plus a cast, as under autocast)."""
     if not torch.compiler.is_compiling():
         _ln._check(x, weight, bias, residual, out_dtype)
     if residual is None:
-        y = _layer_norm(x, weight, bias, float(eps))
-        return y if out_dtype is None else y.to(out_dtype)
-    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps))
-    return (y if out_dtype is None else y.to(out_dtype)), h
+        return _layer_norm(x, weight, bias, float(eps), out_dtype)
+    y, h, _, _ = _add_ln_fwd(x, residual, weight, bias, float(eps), out_dtype)
+    return y, h
 
 
 # ---- GELU -------------------------------------------------------------------------------------
@@ -183,6 +226,7 @@ def _gelu_fwd(x: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def _gelu_fwd_fake(x, bias):
+    _inductor_fallbacks()
     _gelu._check(x, bias)
     return x.new_empty(x.shape, dtype=_gelu.out_dtype_of(x, bias))
 
@@ -222,6 +266,7 @@ def _attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, s
 
 @_attn_fwd.register_fake
 def _(q, k, v, causal, dropout_p, scale, seed):
+    _inductor_fallbacks()
     _attn._check_inputs(q, k, v, causal, dropout_p, scale)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
@@ -267,6 +312,7 @@ def _attn_qkv_fwd(qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, sca
 
 @_attn_qkv_fwd.register_fake
 def _(qkv, n_heads, causal, dropout_p, scale, seed):
+    _inductor_fallbacks()
     B, T, C3 = qkv.shape
     return qkv.new_empty((B, n_heads, T, C3 // (3 * n_heads))), qkv.new_empty((B, n_heads, T), dtype=torch.float32)
 

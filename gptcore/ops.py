@@ -152,6 +152,12 @@ def get_ops(backend: str) -> Ops:
 
         def fc_gelu(x, weight, bias):
             h = F.linear(x, weight)
+            if bias is not None and bias.dtype != h.dtype and torch.compiler.is_compiling():
+                # Under torch.compile the op's out_dtype is a cast after it (see compiled_ops), so
+                # an fp32 bias would make a (B, T, 4C) fp32 GELU output plus a cast, both ways.
+                # The bias in the Linear's dtype, as autocast's F.linear(x, weight, bias) uses it,
+                # gives that dtype directly.
+                return gelu(h, bias.to(h.dtype))
             # the result in the Linear's dtype, as F.linear(x, weight, bias) would give: under
             # autocast bf16 (not bf16 + fp32 bias = fp32, which the next Linear casts back)
             return gelu(h, bias, out_dtype=h.dtype)
