@@ -129,7 +129,7 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
     target = target.contiguous()
     loss_rows = torch.empty(N, dtype=torch.float32, device=h.device)
     grad_h = torch.empty((N, C) if compute_grads else (0,), dtype=torch.float32, device=h.device)
-    grad_w = torch.zeros((V, C) if compute_grads else (0,), dtype=torch.float32, device=h.device)
+    grad_w = None  # (Vp, C) fp32: the padded rows get exactly 0 and are dropped at the end
     with torch.autocast(h.device.type, enabled=False):
         w = _padded_weight(weight, compute_dtype)  # (Vp, C), rows V.. are zero
         for s in range(0, N, chunk_rows):
@@ -139,8 +139,20 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
             step(logits[:, :V], target[s:e], ignore_index, loss_rows[s:e])
             if compute_grads:
                 grad_h[s:e] = _mm_f32(logits, w)  # (n, C); the zero columns meet zero rows
-                _addmm_f32_(grad_w, logits[:, :V].t(), hc)  # (V, C)
+                # d weight over all Vp rows, not the [:V] slice: with V = 50257 rows cuBLAS picked
+                # an sm80 CUTLASS kernel for the slice (0.79 ms per 4096-row chunk on an H100)
+                # and a Hopper kernel for Vp (0.57 ms; 0.49 ms for the first chunk's plain mm)
+                if grad_w is None:
+                    grad_w = _mm_f32(logits.t(), hc)
+                else:
+                    _addmm_f32_(grad_w, logits.t(), hc)
             del logits
+        if not compute_grads:
+            grad_w = h.new_empty((0,), dtype=torch.float32)
+        elif grad_w is None:  # no rows
+            grad_w = torch.zeros((V, C), dtype=torch.float32, device=h.device)
+        else:
+            grad_w = grad_w[:V]
         loss = loss_rows.sum()
         if reduction == "mean":
             n_valid = (target != ignore_index).sum()

@@ -21,7 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-_MAX_BLOCK = 4096  # elements of a row per loop step
+# Elements of a row per loop step, and 16 warps at that size: on an H100, (4096, 50257) bf16 rows
+# take 0.46 ms (2670 GB/s counting two reads and one write) against 0.85 ms with 4096 x 8 warps,
+# the best of blocks 1024..8192 x 4/8/16 warps (bench/probe_lm_head.py).
+_MAX_BLOCK = 2048
 
 
 @triton.jit
@@ -95,6 +98,7 @@ def ce_rows_(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, loss
     if n == 0:
         return
     block = min(_MAX_BLOCK, triton.next_power_of_2(V))
+    warps = 16 if block >= 2048 else 8 if block >= 1024 else 4
     _ce_rows_kernel[(n,)](logits, target.contiguous(), loss, logits.stride(0), ignore_index,
-                          V=V, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                          V=V, BLOCK=block, num_warps=warps)
 
