@@ -37,7 +37,7 @@ AREAS = {
     "train": ("bench.train_step",),
     "generate": ("bench.generate",),
 }
-COLUMNS = ("op", "impl", "shape", "ms", "TFLOPs", "GBps", "tokens_per_s", "peak_GiB", "pct_of_ceiling",
+COLUMNS = ("op", "impl", "shape", "ms", "host_ms", "ms_gc_frozen", "TFLOPs", "GBps", "tokens_per_s", "peak_GiB", "pct_of_ceiling",
            "MFU_nominal_pct", "ratio_vs_best_ref", "max_T", "skipped", "error")
 
 

@@ -20,6 +20,10 @@ MFU = model.flops_per_token(T) x tokens/s over this GPU's measured bf16 matmul r
 (MFU_nominal_pct). Then the longest context each eager configuration trains at batch 1: doubling
 T from 1024, then bisecting between the last fit and the first OOM, capped and time-boxed.
 
+Each row also carries host_ms (the host's time to enqueue one step on an idle GPU: near ms means
+the host sets the pace) and ms_gc_frozen (the timing repeated after gc.freeze(), which shows how
+much of a Python-heavy step's spread is garbage-collection pauses).
+
 Every configuration runs in try/except (the error lands in its row), memory is freed between them,
 torch.compile's warm-up is timed separately (compile_s) and excluded from ms, and a time budget
 (default 240 s) skips what would not fit. --quick: shorter timing, no compiled configs (unless
@@ -107,6 +111,19 @@ def _graph_breaks() -> int | None:
         return None
 
 
+def _host_ms(step, n: int = 10) -> float:
+    """Median host time to enqueue one step on an idle GPU (step returns before its kernels end):
+    close to the step's wall time means the host, not the GPU, sets the pace."""
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[n // 2]
+
+
 def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: float) -> dict:
     row = {"area": "train", "op": "train_step", "impl": c.label, "backend": c.backend, "compile": c.compile,
            "loss": "chunked linear+CE" if c.fused_loss else "full logits + F.cross_entropy",
@@ -141,6 +158,17 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
         row["graph_breaks"] = _graph_breaks()
     t = harness.time_ms(step, warmup_ms=100, rep_ms=rep_ms)
     row.update(ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"])
+    if device == "cuda":
+        row["host_ms"] = _host_ms(step)
+        # the same timing with the warm-up's objects moved out of the garbage collector's view
+        # (gc.freeze): shows how much of a Python-heavy step's spread is collection pauses
+        gc.collect()
+        gc.freeze()
+        try:
+            t = harness.time_ms(step, warmup_ms=50, rep_ms=rep_ms)
+            row.update(ms_gc_frozen=t["median"], p20_ms_gc_frozen=t["p20"], p80_ms_gc_frozen=t["p80"])
+        finally:
+            gc.unfreeze()
     if device == "cuda":
         base = torch.cuda.memory_allocated() / 2**30
         row["peak_GiB"] = base + harness.peak_gib(step)
