@@ -147,6 +147,8 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
         loss_fn = torch.compile(model.loss, mode=c.compile_mode)
         row["compile_mode"] = c.compile_mode or "default"
     step = _make_step(model, opt, x, y, c.fused_loss, loss_fn)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     for _ in range(3):  # compile / Triton JIT / autotuning / AdamW state allocation
         step()
@@ -170,8 +172,14 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
         finally:
             gc.unfreeze()
     if device == "cuda":
+        # over the whole run (warm-up, compile, CUDA-graph capture, timing): a CUDA-graph replay
+        # allocates nothing new (its activations live in the graph's pool, allocated at capture),
+        # so for the reduce-overhead configs this is the step's peak; one step's peak is not
+        row["peak_GiB_whole_run"] = torch.cuda.max_memory_allocated() / 2**30
         base = torch.cuda.memory_allocated() / 2**30
         row["peak_GiB"] = base + harness.peak_gib(step)
+        if c.compile_mode == "reduce-overhead":
+            row["peak_GiB"] = row["peak_GiB_whole_run"]
     tok_s = B * T / (t["median"] / 1e3)
     row["tokens_per_s"] = tok_s
     tflops = model.flops_per_token(T) * tok_s / 1e12
@@ -333,3 +341,13 @@ def _print_targets(rows: list[dict]) -> None:
             verdict = "met" if s >= speed and mem_ok(m) else "NOT met"
             print(f"train target {fast} vs {ref}: {s:.2f}x tokens/s (want >= {speed}x), "
                   f"{m:.2f}x peak memory (want {mem_txt}): {verdict}")
+    # the "triton + compile >= torch + compile": each side in its faster compile mode
+    fast = [t[k] for k in ("triton+compile", "triton+compile-cg") if k in t]
+    ref = [t[k] for k in ("torch+compile", "torch+compile-cg") if k in t]
+    if fast and ref:
+        f = max(fast, key=lambda r: r["tokens_per_s"])
+        r = max(ref, key=lambda r: r["tokens_per_s"])
+        s, m = f["tokens_per_s"] / r["tokens_per_s"], f["peak_GiB"] / r["peak_GiB"]
+        verdict = "met" if s >= 1.0 and m < 1.0 else "NOT met"
+        print(f"train target best compiled triton ({f['impl']}) vs best compiled torch ({r['impl']}): "
+              f"{s:.2f}x tokens/s (want >= 1.0x), {m:.2f}x peak memory (want < 1x): {verdict}")

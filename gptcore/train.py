@@ -88,6 +88,10 @@ class TrainConfig:
     grad_checkpointing: bool = _opt(False, "recompute each block in backward (less memory, ~1/3 more compute)",
                                     "model")
     compile: bool = _opt(False, "torch.compile the model", "model")
+    compile_mode: str = _opt("default", "torch.compile mode with --compile; 'reduce-overhead' replays each "
+                             "step as CUDA graphs, which the triton backend needs to beat torch's compiled "
+                             "step (its kernels are host-heavy custom ops)", "model",
+                             choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     model: dict = _opt({}, "model fields overriding the preset", "model")
     # data
     data: str = _opt("default", "text file, folder, glob, 'default' (embedded corpus), 'shakespeare' "
@@ -579,7 +583,8 @@ class Trainer:
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         self.ddp = dist_.world > 1
         self.ddp_module = module  # no_sync() lives here; the compiled wrapper calls into it
-        self.train_module = torch.compile(module) if cfg.compile else module
+        mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+        self.train_module = torch.compile(module, mode=mode) if cfg.compile else module
         self.flops_per_token = self.model.flops_per_token(self.T)
         self.peak = peak_flops(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         self.metrics_path = self.out_dir / "metrics.jsonl"
