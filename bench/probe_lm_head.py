@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from bench import harness
-from kernels.cross_entropy import _ce_rows_kernel, ce_rows_
+from gptcore.kernels.cross_entropy import _ce_rows_kernel, ce_rows_
 
 
 @triton.jit
