@@ -18,7 +18,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 from bench import harness
-from gptcore.kernels.cross_entropy import _ce_rows_kernel, ce_rows_
+from gptcore.kernels.cross_entropy import _ce_rows_kernel, _loss_and_grad, ce_rows_
 
 
 @triton.jit
@@ -37,17 +37,7 @@ def _ce_scalar_kernel(LOGITS, TARGET, LOSS, stride_row, ignore_index, V: tl.cons
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
-    ignored = y == ignore_index
-    in_range = (y >= 0) & (y < V)
-    x_y = tl.load(ptr + y, mask=in_range & ~ignored, other=0.0).to(tl.float32)
-    tl.store(LOSS + row, tl.where(ignored, 0.0, tl.where(in_range, lse - x_y, float("nan"))))
-    keep = tl.where(ignored, 0.0, 1.0)
-    for start in range(0, V, BLOCK):
-        cols = start + offs
-        mask = cols < V
-        x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
-        tl.store(ptr + cols, (g * keep).to(LOGITS.dtype.element_ty), mask=mask)
+    _loss_and_grad(ptr, y, lse, LOSS + row, ignore_index, V, BLOCK)
 
 
 def _kernels(fn) -> list[str]:

@@ -56,20 +56,25 @@ def _ce_rows_kernel(
     s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
     lse = m + tl.log(s)
 
+    _loss_and_grad(ptr, y, lse, LOSS + row, ignore_index, V, BLOCK)
+
+
+@triton.jit
+def _loss_and_grad(ptr, y, lse, loss_ptr, ignore_index, V: tl.constexpr, BLOCK: tl.constexpr):
+    """Given a row's log-sum-exp: store its loss, then pass 2 over the row, writing
+    d loss_row / d x = softmax(x) - onehot(y) over x (zero for an ignored row)."""
     ignored = y == ignore_index
     in_range = (y >= 0) & (y < V)
     x_y = tl.load(ptr + y, mask=in_range & ~ignored, other=0.0).to(tl.float32)
-    loss = tl.where(ignored, 0.0, tl.where(in_range, lse - x_y, float("nan")))
-    tl.store(LOSS + row, loss)
-
-    # Pass 2: d loss_row / d x = softmax(x) - onehot(y); zero for an ignored row.
+    tl.store(loss_ptr, tl.where(ignored, 0.0, tl.where(in_range, lse - x_y, float("nan"))))
     keep = tl.where(ignored, 0.0, 1.0)
+    offs = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         cols = start + offs
         mask = cols < V
         x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
         g = tl.exp(x - lse) - tl.where(cols == y, 1.0, 0.0)
-        tl.store(ptr + cols, (g * keep).to(LOGITS.dtype.element_ty), mask=mask)
+        tl.store(ptr + cols, (g * keep).to(ptr.dtype.element_ty), mask=mask)
 
 
 def _check(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor) -> None:
