@@ -167,8 +167,8 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
         gc.collect()
         gc.freeze()
         try:
-            t = harness.time_ms(step, warmup_ms=50, rep_ms=rep_ms)
-            row.update(ms_gc_frozen=t["median"], p20_ms_gc_frozen=t["p20"], p80_ms_gc_frozen=t["p80"])
+            tf = harness.time_ms(step, warmup_ms=50, rep_ms=rep_ms)
+            row.update(ms_gc_frozen=tf["median"], p20_ms_gc_frozen=tf["p20"], p80_ms_gc_frozen=tf["p80"])
         finally:
             gc.unfreeze()
     if device == "cuda":
