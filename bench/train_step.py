@@ -171,15 +171,14 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
             row.update(ms_gc_frozen=tf["median"], p20_ms_gc_frozen=tf["p20"], p80_ms_gc_frozen=tf["p80"])
         finally:
             gc.unfreeze()
-    if device == "cuda":
         # over the whole run (warm-up, compile, CUDA-graph capture, timing): a CUDA-graph replay
         # allocates nothing new (its activations live in the graph's pool, allocated at capture),
         # so for the reduce-overhead configs this is the step's peak; one step's peak is not
         row["peak_GiB_whole_run"] = torch.cuda.max_memory_allocated() / 2**30
-        base = torch.cuda.memory_allocated() / 2**30
-        row["peak_GiB"] = base + harness.peak_gib(step)
         if c.compile_mode == "reduce-overhead":
             row["peak_GiB"] = row["peak_GiB_whole_run"]
+        else:
+            row["peak_GiB"] = torch.cuda.memory_allocated() / 2**30 + harness.peak_gib(step)
     tok_s = B * T / (t["median"] / 1e3)
     row["tokens_per_s"] = tok_s
     tflops = model.flops_per_token(T) * tok_s / 1e12
