@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptcore.kernels._launch import planned
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -72,6 +74,7 @@ def persistent_programs(device: torch.device, per_sm: int) -> int:
     return per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@planned
 @triton.jit(do_not_specialize=["P"])
 def _sum_partials_kernel(
     PART,  # (K, P, N) fp32 per-program partial sums, K = 2 if TWO else 1

@@ -20,9 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from gptcore.kernels._launch import planned
+
 _BLOCK = 2048  # columns per program in the first step
 
 
+@planned
 @triton.jit
 def _argmax_block_kernel(X, PartVal, PartIdx, V, stride_x, S, BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -41,6 +44,7 @@ def _argmax_block_kernel(X, PartVal, PartIdx, V, stride_x, S, BLOCK: tl.constexp
     tl.store(PartIdx + b * S + s, idx)
 
 
+@planned
 @triton.jit
 def _argmax_final_kernel(PartVal, PartIdx, Out, S, BLOCK_S: tl.constexpr):
     b = tl.program_id(0)

@@ -46,7 +46,8 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+from gptcore.kernels._launch import planned, tma_descriptor
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -139,6 +140,7 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, b, h, skt, svt, offs_m, lo, hi, P, Tk, qk
     return acc, l_i, m_i
 
 
+@planned
 @triton.jit(do_not_specialize=["H", "Tq", "Tk", "seed"])
 def _fwd_kernel(Q, K, V, O, LSE,  # Q, O: (B, H, Tq, D); K, V: (B, H, Tk, D); LSE: (B, H, Tq) fp32
                 sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
@@ -185,6 +187,7 @@ def _fwd_kernel(Q, K, V, O, LSE,  # Q, O: (B, H, Tq, D); K, V: (B, H, Tk, D); LS
     _store_rows(O, b, h, m0, Tq, sot, out.to(q.dtype), BLOCK_M, D, TMA)
 
 
+@planned
 @triton.jit(do_not_specialize=["H", "Tq"])
 def _bwd_delta_kernel(O, DO, DELTA,  # O, DO: (B, H, Tq, D); DELTA: (B, H, Tq) fp32
                       sob, soh, sot, sdob, sdoh, sdot, H, Tq,
@@ -243,6 +246,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, b, h, sqt, sdot, offs_n, lo
     return dk, dv
 
 
+@planned
 @triton.jit(do_not_specialize=["H", "Tq", "Tk", "seed"])
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA,  # DK, DV: (B, H, Tk, D) contiguous
                      sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sgb, sgh, sgt,
@@ -328,6 +332,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, K, V, b, h, skt, svt, offs_m, lo, hi, P
     return dq
 
 
+@planned
 @triton.jit(do_not_specialize=["H", "Tq", "Tk", "seed"])
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,  # DQ: (B, H, Tq, D) contiguous
                    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdoh, sdot, sgb, sgh, sgt,
@@ -373,6 +378,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA,  # DQ: (B, H, Tq, D) contiguous
     _store_rows(DQ, b, h, m0, Tq, sgt, dq.to(q.dtype), BLOCK_M, D, TMA)
 
 
+@planned
 @triton.jit(do_not_specialize=["Tq", "Tk", "seed"])
 def _dropout_mask_kernel(MASK, Tq, Tk, seed, p_drop,  # MASK: (B, H, Tq, Tk) uint8
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -499,11 +505,16 @@ def _tma_ok(*tensors: torch.Tensor) -> bool:
     The interpreter (CPU) emulates descriptors; on CUDA they need sm_90+.
     """
     for t in tensors:
-        if t.is_cuda and _arch(t.device) < 90:
-            return False
-        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+        if t.data_ptr() & 15 or not _tma_layout_ok(t.stride(), t.element_size(), _arch(t.device)):
             return False
     return True
+
+
+@functools.lru_cache(maxsize=4096)
+def _tma_layout_ok(strides: tuple, elem_size: int, arch: int | None) -> bool:
+    if arch is not None and arch < 90:
+        return False
+    return strides[-1] == 1 and not any(s * elem_size % 16 for s in strides[:-1])
 
 
 def _bucket(t: int) -> int:
@@ -605,8 +616,7 @@ def _operands(tma: bool, tensors_and_rows):
     descriptor each whose block is (1, 1, rows, D)."""
     if not tma:
         return [t for t, _ in tensors_and_rows]
-    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[3]])
-            for t, rows in tensors_and_rows]
+    return [tma_descriptor(t, [1, 1, rows, t.shape[3]]) for t, rows in tensors_and_rows]
 
 
 def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int, bthd_out: bool = True):
@@ -684,9 +694,14 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
     return dq, dk, dv
 
 
+@functools.lru_cache(maxsize=None)
+def _bf16_ok(index) -> bool:
+    return torch.cuda.is_bf16_supported()  # ~10 us a call uncached; fixed per device
+
+
 def _check_device(t: torch.Tensor) -> None:
     if t.is_cuda:
-        if t.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        if t.dtype == torch.bfloat16 and not _bf16_ok(t.device.index):
             raise ValueError("attention: this GPU has no bfloat16 support; use float16 inputs")
         return
     if t.device.type == "cpu":

@@ -21,12 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
+from gptcore.kernels._launch import planned
+
 # Elements of a row per loop step, and 16 warps at that size: on an H100, (4096, 50257) bf16 rows
 # take 0.46 ms (2670 GB/s counting two reads and one write) against 0.85 ms with 4096 x 8 warps,
 # the best of blocks 1024..8192 x 4/8/16 warps (bench/probe_lm_head.py).
 _MAX_BLOCK = 2048
 
 
+@planned
 @triton.jit
 def _ce_rows_kernel(
     LOGITS,  # (n, V) fp32/fp16/bf16, row stride stride_row; overwritten with p - onehot(target)

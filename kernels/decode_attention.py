@@ -37,10 +37,13 @@ import torch
 import triton
 import triton.language as tl
 
+from gptcore.kernels._launch import planned
+
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
 
+@planned
 @triton.jit
 def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNew, VNew,
                   sqb, sqh, sqd,            # Q: (B, H, D) strides
@@ -128,6 +131,7 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNe
         tl.store(PartSum + part, l_i)
 
 
+@planned
 @triton.jit
 def _combine_kernel(PartAcc, PartMax, PartSum, Out,  # partials: (B*H, S, BLOCK_D), (B*H, S), (B*H, S)
                     sob, soh, sod, H, D,

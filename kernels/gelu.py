@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptcore.kernels._launch import planned
+
 from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
 
 _TILE = 4096  # elements per program tile
@@ -48,6 +50,7 @@ def _sigmoid_2u(z, C: tl.constexpr):
     return tl.where(z < -10.0, 0.0, 1.0 / (1.0 + e)), e, zc
 
 
+@planned
 @triton.jit(do_not_specialize=["M"])
 def _gelu_fwd_kernel(
     X,  # (M, N) rows at stride_x, unit column stride
@@ -73,6 +76,7 @@ def _gelu_fwd_kernel(
     tl.store(Y + rows64[:, None] * N + cols[None, :], (z * s).to(Y.dtype.element_ty), mask=mask)
 
 
+@planned
 @triton.jit(do_not_specialize=["M", "rows_per_prog"])
 def _gelu_bwd_kernel(
     X,  # (M, N) saved input at stride_x

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptcore.kernels._launch import planned
+
 from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
 
 MAX_WIDTH = 16384  # widest row (elements) one program normalises in registers
@@ -55,6 +57,7 @@ def _row_mean(row_sums, N):
     return tl.math.div_rn(row_sums, tl.zeros_like(row_sums) + N)
 
 
+@planned
 @triton.jit(do_not_specialize=["M"])
 def _ln_fwd_kernel(
     X,  # (M, N) rows at stride_x, unit column stride
@@ -121,6 +124,7 @@ def _ln_bwd_load(X, DY, DH, MEAN, RSTD, rows, cols, col_ok, M, stride_x, stride_
     return x, dy, dh, mean, rstd
 
 
+@planned
 @triton.jit(do_not_specialize=["M", "rows_per_prog"])
 def _ln_bwd_kernel(
     X,  # (M, N) saved LN input (x, or h = x + residual) at stride_x
