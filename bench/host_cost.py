@@ -98,10 +98,32 @@ def run(quick: bool = False, **_) -> list[dict]:
     return rows
 
 
+def profile(ops=("add+layer_norm bwd", "attention_qkv bwd", "attention_qkv fwd"), calls: int = 200) -> None:
+    """cProfile of the gptcore side of a few cases: where the host time of one call goes."""
+    import cProfile
+    import pstats
+
+    for op, ours, _ in _cases():
+        if op not in ops:
+            continue
+        _per_call_us(ours, 20, 1)
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(calls):
+            ours()
+        pr.disable()
+        torch.cuda.synchronize()
+        print(f"\n==== cProfile {op} ({calls} calls)")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(22)
+
+
 if __name__ == "__main__":
+    import sys
+
     from bench import harness
 
     rows = run()
     for r in rows:
         print(r)
-    print(harness.write_json("host_cost", rows))
+    print(harness.write_json("host_cost", rows, out_dir=None if len(sys.argv) < 2 else __import__("pathlib").Path(sys.argv[1])))
+    profile()
