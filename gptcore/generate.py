@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import functools
-import importlib.util
 import sys
 import time
 from dataclasses import dataclass
@@ -75,33 +73,25 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 
 
 def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+           top_p: Optional[float] = None, noise: Optional[torch.Tensor] = None,
+           pick: Optional[Callable] = None) -> torch.Tensor:
     """Next token (B,) int64 from logits (B, V), on the logits' device, without a host sync.
 
     temperature 0 is greedy (argmax). Otherwise the filtered, tempered logits are sampled by the
     exponential race: argmax_i(logit_i - log E_i) with E_i ~ Exp(1) i.i.d. (``noise``, (B, V)
     float32) picks token i with probability softmax(logits)_i, and never a filtered token.
+    pick: the (B, V) -> (B,) argmax to use (the model backend's ``ops.token_pick``; default torch's).
     """
+    pick = pick or _argmax
     if temperature == 0:
-        return _argmax(logits)
+        return pick(logits)
     if noise is None:
         raise ValueError("sample: temperature > 0 needs noise, a (B, V) tensor of Exp(1) draws")
     scores = filter_logits(logits.float() / temperature, top_k, top_p)
-    return _argmax(scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log())
-
-
-@functools.lru_cache(maxsize=None)
-def _have_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return pick(scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log())
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """x.argmax(-1) for (B, V): on CUDA gptcore's split argmax (same result; timed beside torch's
-    in bench/sweep_decode.py), elsewhere torch's."""
-    if x.is_cuda and x.dim() == 2 and _have_triton():
-        from gptcore.kernels.argmax import argmax_rows
-
-        return argmax_rows(x)
     return x.argmax(dim=-1)
 
 
@@ -194,8 +184,8 @@ class _Request:
     def sampling(self) -> tuple:
         return (self.temperature, self.top_k, self.top_p)
 
-    def sample(self, logits: torch.Tensor, noise: Optional[torch.Tensor]) -> torch.Tensor:
-        return sample(logits, self.temperature, self.top_k, self.top_p, noise)
+    def sample(self, logits: torch.Tensor, noise: Optional[torch.Tensor], pick=None) -> torch.Tensor:
+        return sample(logits, self.temperature, self.top_k, self.top_p, noise, pick)
 
     def streamer(self, device: torch.device) -> Optional["_Streamer"]:
         return _Streamer(self.stream, device, set(self.stops)) if self.stream else None
@@ -390,7 +380,7 @@ class Generator:
         def step():
             with cache.external_reservation():
                 logits = model(state.tok, kv_cache=cache)[:, -1]                   # (B, V)
-                nxt = req.sample(logits, state.noise)
+                nxt = req.sample(logits, state.noise, model.ops.token_pick)
                 state.tok.copy_(nxt[:, None])
                 if stop_t is not None:
                     state.done.logical_or_(_is_stop(nxt, stop_t))
@@ -443,7 +433,7 @@ class Generator:
 
         def run(ids, idx, nz):
             hidden = model.hidden_states(ids, kv_cache=cache)                  # (B, T, C)
-            return req.sample(model.lm_head(hidden[arange, idx]), nz)          # (B,)
+            return req.sample(model.lm_head(hidden[arange, idx]), nz, model.ops.token_pick)  # (B,)
 
         key = (B, T, cache.max_seq_len, req.sampling)
         pre = self._prefills.get(key) if graph_ok else None
@@ -518,7 +508,7 @@ class Generator:
             logits = model.lm_head(hidden[arange, pos - 1])                       # (B, V)
             if req.temperature > 0:
                 noise = torch.empty_like(logits, dtype=torch.float32).exponential_(generator=req.rng)
-            tok = req.sample(logits, noise)
+            tok = req.sample(logits, noise, model.ops.token_pick)
             seq[arange, pos] = tok
             pos += 1
             out[:, i] = tok

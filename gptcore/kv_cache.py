@@ -109,7 +109,7 @@ class _Cache:
         p = next(model.parameters())
         return cls(cfg.n_layers, cfg.n_heads, cfg.head_dim, batch_size, max_seq_len,
                    dtype=dtype or p.dtype, device=device or p.device,
-                   attention=attention or getattr(model, "backend", "auto"), **kwargs)
+                   attention=attention or getattr(getattr(model, "ops", None), "decode_attention", None) or "auto", **kwargs)
 
     # ---- lengths -----------------------------------------------------------------------------
     @property

@@ -17,8 +17,8 @@ interpreter). The 1/N of the mean is applied after the matmuls, in fp32, so fp16
 not underflow before a GradScaler's factor arrives through backward.
 
 Under autocast the matmuls run in the autocast dtype (as F.linear would) and the gradients come
-back in the dtypes of h and weight (fp32 master weights get fp32 gradients). The op is registered
-with torch.library (gptcore.custom_ops), so torch.compile treats it as one opaque node.
+back in the dtypes of h and weight (fp32 master weights get fp32 gradients). The forward is a
+launcher op (gptcore.kernels._oplib), so torch.compile treats it as one opaque node.
 
 Tests: python -m pytest -q tests/test_fused_ce.py
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptcore.custom_ops import autograd_op
+from gptcore.kernels._oplib import launcher_op
 
 DEFAULT_CHUNK_ROWS = 4096
 IMPLS = ("torch", "triton")
@@ -173,18 +173,31 @@ def _fused_forward_fake(h, weight, target, ignore_index, reduction, chunk_rows, 
     return h.new_empty((), **f32), h.new_empty(h.shape, **f32), h.new_empty(weight.shape, **f32)
 
 
-def _fused_backward(grad_loss: Tensor, h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
-                    reduction: str, chunk_rows: int, impl: str, compute_dtype: torch.dtype,
-                    compute_grads: bool, grad_h: Tensor, grad_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(d h, d weight, unused d target) = the stored gradients times the incoming scalar gradient."""
-    if not compute_grads:
-        raise RuntimeError("linear_cross_entropy: backward through a call made without gradients "
-                           "(inputs did not require grad, or grad mode was off)")
-    return (grad_h * grad_loss).to(h.dtype), (grad_w * grad_loss).to(weight.dtype), grad_loss.new_empty(0)
+_fused_forward_op = launcher_op("gptcore::linear_cross_entropy_fwd", _fused_forward, _fused_forward_fake)
 
 
-_fused = autograd_op("gptcore::linear_cross_entropy", _fused_forward, _fused_backward, n_outputs=1,
-                     forward_fake=_fused_forward_fake)
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The op's one autograd path: the forward (a launcher op, opaque under torch.compile) already
+    made both gradients; backward scales them by the incoming scalar gradient (plain torch ops)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype, compute_grads):
+        loss, grad_h, grad_w = _fused_forward_op(h, weight, target, ignore_index, reduction, chunk_rows, impl,
+                                                 compute_dtype, compute_grads)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes, ctx.compute_grads = (h.dtype, weight.dtype), compute_grads
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if not ctx.compute_grads:
+            raise RuntimeError("linear_cross_entropy: backward through a call made without gradients "
+                               "(inputs did not require grad, or grad mode was off)")
+        grad_h, grad_w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return ((grad_h * grad_loss).to(ctx.dtypes[0]) if need[0] else None,
+                (grad_w * grad_loss).to(ctx.dtypes[1]) if need[1] else None,
+                None, None, None, None, None, None, None)
 
 
 # ---- public entry point ------------------------------------------------------------------------
@@ -240,4 +253,4 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
     else:
         compute_dtype = torch.promote_types(h.dtype, weight.dtype)
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _fused(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need)
+    return _LinearCrossEntropy.apply(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need)

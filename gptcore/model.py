@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
-from gptcore.loss import linear_cross_entropy
 from gptcore.ops import BACKENDS, Ops, default_backend, get_ops
 
 
@@ -241,9 +240,8 @@ class GPT(nn.Module):
         if fused is None:
             fused = self.backend != "reference"
         if fused:
-            impl = "triton" if self.backend == "triton" else "torch"
-            return linear_cross_entropy(self.hidden_states(idx), self.lm_head.weight, targets,
-                                        ignore_index=ignore_index, impl=impl)
+            loss_fn = self.ops.loss or get_ops("torch").loss  # reference: the chunked torch twin
+            return loss_fn(self.hidden_states(idx), self.lm_head.weight, targets, ignore_index=ignore_index)
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 

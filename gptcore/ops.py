@@ -4,8 +4,9 @@ Backends (DESIGN.md):
   reference  the textbook math in plain PyTorch (gptcore.kernels.reference): the oracle
   torch      PyTorch's own fused ops (scaled_dot_product_attention, F.layer_norm, F.gelu):
              what a nanoGPT user runs today, the baseline to beat
-  triton     gptcore's kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-             (under torch.compile as opaque custom ops: gptcore.compiled_ops)
+  triton     gptcore's kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Each op
+             is one autograd.Function over launcher ops (gptcore.kernels._oplib): the same
+             path eagerly and under torch.compile, where each launch is an opaque gptcore:: node
 
 Every op has the same signature in every backend:
   layer_norm(x, weight, bias, eps, residual=None, out_dtype=None)
@@ -13,11 +14,13 @@ Every op has the same signature in every backend:
   fc_gelu(x, weight, bias)                       -> gelu_tanh(x @ weight.T + bias)
   attention(q, k, v, causal, dropout_p, scale)   -> (B, H, Tq, D); causal aligns queries to the
                                                     end of the keys when Tq < Tk
+  loss(h, weight, target, ignore_index)          -> mean CE of the LM head (None: full logits)
+  token_pick(logits (B, V))                      -> (B,) greedy token ids
+  decode_attention                               the KV cache's attention read, by name
 The model never imports a kernel directly; it asks ``get_ops(backend)``.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcore.kernels import reference as ref
+from gptcore.loss import linear_cross_entropy
 
 BACKENDS = ("reference", "torch", "triton")
 
@@ -66,9 +70,35 @@ def _ref_fc_gelu(x, weight, bias):
     return ref.gelu_ref(F.linear(x, weight), bias)
 
 
+# ---- loss and token pick, every backend ---------------------------------------------------------
+def _loss_fn(impl: str) -> Callable:
+    def loss(h, weight, target, ignore_index=-100):
+        """Mean cross-entropy of softmax(h @ weight.T), chunked (the logits never exist in full)."""
+        return linear_cross_entropy(h, weight, target, ignore_index=ignore_index, impl=impl)
+
+    loss.__name__ = f"linear_cross_entropy[{impl}]"
+    return loss
+
+
+def _torch_token_pick(logits):
+    """(B, V) -> (B,) int64: the greedy token, logits.argmax(-1)."""
+    return logits.argmax(dim=-1)
+
+
+def _triton_token_pick(logits):
+    """gptcore's split argmax on CUDA (torch.argmax's tie and NaN rules); torch's elsewhere."""
+    if logits.is_cuda and logits.dim() == 2:
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The implementations one backend uses, and a human-readable line per op saying which."""
+    """The implementations one backend uses, and a human-readable line per op saying which.
+
+    decode_attention is the name of the KV cache's attention read (triton / torch / reference),
+    the implementations living in gptcore.kv_cache; loss is (h, lm_head_weight, targets,
+    ignore_index) -> mean loss, or None where the model computes full logits (reference)."""
 
     backend: str
     layer_norm: Callable
@@ -79,10 +109,14 @@ class Ops:
     # attention over the packed c_attn output (B, T, 3C) with a packed gradient, where the backend
     # has one (triton); the model falls back to attention(*split) otherwise
     attention_qkv: Optional[Callable] = None
+    loss: Optional[Callable] = None
+    decode_attention: str = "torch"
+    token_pick: Callable = _torch_token_pick
 
 
 def triton_status() -> str | None:
-    """None if Triton kernels can run here; otherwise the reason they cannot."""
+    """None if Triton kernels can run here; otherwise the reason they cannot. The one answer to
+    "can Triton run here?" in the package."""
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed (it ships for Linux only); use backend='torch'"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -93,83 +127,42 @@ def triton_status() -> str | None:
     return None
 
 
-# Kernel modules of the triton backend: op name -> (module, function).
-_TRITON_KERNELS = {
-    "layer_norm": ("gptcore.kernels.layer_norm", "layer_norm"),
-    "gelu": ("gptcore.kernels.gelu", "gelu"),
-    "attention": ("gptcore.kernels.attention", "attention"),
-}
+def _triton_ops() -> Ops:
+    from gptcore.kernels.attention import attention, attention_qkv
+    from gptcore.kernels.gelu import gelu
+    from gptcore.kernels.layer_norm import layer_norm
 
+    def fc_gelu(x, weight, bias):
+        h = F.linear(x, weight)
+        # the result in the Linear's dtype, as F.linear(x, weight, bias) would give: under autocast
+        # bf16 (not bf16 + fp32 bias = fp32, which the next Linear casts back); the kernel stores it
+        return gelu(h, bias, out_dtype=h.dtype)
 
-def _load_triton_kernel(op: str) -> Callable | None:
-    mod_name, fn_name = _TRITON_KERNELS[op]
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as e:
-        if e.name == mod_name:
-            return None  # this kernel does not exist yet: the caller falls back and says so
-        raise
-    return getattr(mod, fn_name)
-
-
-def _compile_aware(eager: Callable, compiled: Callable) -> Callable:
-    """eager (the kernel's autograd.Function: no dispatcher cost) outside torch.compile, compiled
-    (the same kernel as an opaque custom op, gptcore.compiled_ops) while dynamo traces."""
-
-    @functools.wraps(eager)
-    def op(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return compiled(*args, **kwargs)
-        return eager(*args, **kwargs)
-
-    return op
+    rep = {"layer_norm": "triton", "gelu": "triton", "fc_gelu": "torch F.linear + triton gelu(bias)",
+           "attention": "triton", "loss": "chunked LM head + triton CE rows",
+           "decode_attention": "triton split-KV decode", "token_pick": "triton split argmax"}
+    return Ops("triton", layer_norm, fc_gelu, gelu, attention, rep, attention_qkv, _loss_fn("triton"),
+               "triton", _triton_token_pick)
 
 
 def get_ops(backend: str) -> Ops:
     if backend == "reference":
-        rep = {"layer_norm": "reference", "fc_gelu": "reference", "attention": "reference"}
-        return Ops("reference", ref.layer_norm_ref, _ref_fc_gelu, ref.gelu_ref, ref.attention_ref, rep)
+        rep = {"layer_norm": "reference", "fc_gelu": "reference", "attention": "reference",
+               "loss": "full logits + F.cross_entropy", "decode_attention": "reference masked softmax",
+               "token_pick": "torch argmax"}
+        return Ops("reference", ref.layer_norm_ref, _ref_fc_gelu, ref.gelu_ref, ref.attention_ref, rep,
+                   None, None, "reference", _torch_token_pick)
     if backend == "torch":
         rep = {"layer_norm": "torch F.layer_norm", "fc_gelu": "torch F.linear+F.gelu",
-               "attention": "torch scaled_dot_product_attention"}
-        return Ops("torch", _torch_layer_norm, _torch_fc_gelu, _torch_gelu, _torch_attention, rep)
+               "attention": "torch scaled_dot_product_attention", "loss": "chunked LM head + torch CE rows",
+               "decode_attention": "torch SDPA + length mask", "token_pick": "torch argmax"}
+        return Ops("torch", _torch_layer_norm, _torch_fc_gelu, _torch_gelu, _torch_attention, rep, None,
+                   _loss_fn("torch"), "torch", _torch_token_pick)
     if backend == "triton":
         why = triton_status()
         if why is not None:
             raise RuntimeError(f"backend 'triton' cannot run here: {why}")
-        impl = {}
-        rep = {}
-        fallbacks = {"layer_norm": _torch_layer_norm, "gelu": _torch_gelu, "attention": _torch_attention}
-        for op, fb in fallbacks.items():
-            fn = _load_triton_kernel(op)
-            if fn is not None:
-                from gptcore import compiled_ops
-
-                fn = _compile_aware(fn, getattr(compiled_ops, op))
-            impl[op] = fn if fn is not None else fb
-            rep[op] = "triton" if fn is not None else f"torch (fallback: {_TRITON_KERNELS[op][0]} not available)"
-        gelu = impl["gelu"]
-
-        def fc_gelu(x, weight, bias):
-            h = F.linear(x, weight)
-            if bias is not None and bias.dtype != h.dtype and torch.compiler.is_compiling():
-                # Under torch.compile the op's out_dtype is a cast after it (see compiled_ops), so
-                # an fp32 bias would make a (B, T, 4C) fp32 GELU output plus a cast, both ways.
-                # The bias in the Linear's dtype, as autocast's F.linear(x, weight, bias) uses it,
-                # gives that dtype directly.
-                return gelu(h, bias.to(h.dtype))
-            # the result in the Linear's dtype, as F.linear(x, weight, bias) would give: under
-            # autocast bf16 (not bf16 + fp32 bias = fp32, which the next Linear casts back)
-            return gelu(h, bias, out_dtype=h.dtype)
-
-        rep["fc_gelu"] = "torch F.linear + " + ("triton gelu(bias)" if rep["gelu"] == "triton" else rep["gelu"])
-        attention_qkv = None
-        if rep["attention"] == "triton":
-            from gptcore import compiled_ops
-            from gptcore.kernels.attention import attention_qkv as _attention_qkv
-
-            attention_qkv = _compile_aware(_attention_qkv, compiled_ops.attention_qkv)
-        return Ops("triton", impl["layer_norm"], fc_gelu, gelu, impl["attention"], rep, attention_qkv)
+        return _triton_ops()
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
 
 
@@ -179,3 +172,9 @@ def default_backend(device=None) -> str:
     if device is not None and torch.device(device).type != "cuda":
         return "torch"
     return "triton" if torch.cuda.is_available() and triton_status() is None else "torch"
+
+
+def argmax_rows(logits):
+    from gptcore.kernels.argmax import argmax_rows as _argmax_rows
+
+    return _argmax_rows(logits)

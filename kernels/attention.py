@@ -43,11 +43,15 @@ import functools
 import math
 import os
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from gptcore.kernels._launch import planned, tma_descriptor
+from gptcore.kernels._oplib import launcher_op
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -752,18 +756,93 @@ def _check_inputs(q, k, v, causal: bool, dropout_p: float, scale: float | None) 
 # ============================================================================================
 # Autograd and public API
 # ============================================================================================
+# ---- launcher ops (kernels/_oplib.py): the launchers above, eager or traced --------------------------
+# The dropout seed travels as a (1,) int64 CPU tensor (None without dropout): under torch.compile it
+# is drawn by a graph op (torch.randint), not a host .item(), and the backward regenerates the mask
+# from the saved seed tensor.
+def _seed_int(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed)
+
+
+def _fwd_launcher(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float,
+                  seed: Optional[Tensor], bthd_out: bool) -> tuple[Tensor, Tensor]:
+    """q (B, H, Tq, D), k, v (B, H, Tk, D) -> o (B, H, Tq, D) in q's dtype (laid out (B, T, H, D) in
+    memory when bthd_out, else contiguous), lse (B, H, Tq) fp32."""
+    return _forward(q, k, v, causal, dropout_p, scale, _seed_int(seed), bthd_out)
+
+
+def _fwd_fake(q, k, v, causal, dropout_p, scale, seed, bthd_out):
+    _check_inputs(q, k, v, causal, dropout_p, scale)
+    B, H, T, D = q.shape
+    o = q.new_empty((B, T, H, D)).transpose(1, 2) if bthd_out else q.new_empty(q.shape)
+    return o, q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _bwd_launcher(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                  dropout_p: float, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv (shapes and dtypes of q, k, v; contiguous)."""
+    return _backward(do, q, k, v, o, lse, causal, dropout_p, scale, _seed_int(seed))
+
+
+def _bwd_fake(do, q, k, v, o, lse, causal, dropout_p, scale, seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _qkv_fwd_launcher(qkv: Tensor, n_heads: int, causal: bool, dropout_p: float, scale: float,
+                      seed: Optional[Tensor], bthd_out: bool) -> tuple[Tensor, Tensor]:
+    """qkv (B, T, 3 H D) packed -> o (B, H, T, D) (layout as in _fwd_launcher), lse (B, H, T) fp32."""
+    return _forward(*split_qkv(qkv, n_heads), causal, dropout_p, scale, _seed_int(seed), bthd_out)
+
+
+def _qkv_fwd_fake(qkv, n_heads, causal, dropout_p, scale, seed, bthd_out):
+    _check_qkv(qkv, n_heads)
+    _check_inputs(*split_qkv(qkv, n_heads), causal, dropout_p, scale)
+    B, T, C3 = qkv.shape
+    D = C3 // (3 * n_heads)
+    o = qkv.new_empty((B, T, n_heads, D)).transpose(1, 2) if bthd_out else qkv.new_empty((B, n_heads, T, D))
+    return o, qkv.new_empty((B, n_heads, T), dtype=torch.float32)
+
+
+def _qkv_bwd_launcher(do: Tensor, qkv: Tensor, o: Tensor, lse: Tensor, n_heads: int, causal: bool,
+                      dropout_p: float, scale: float, seed: Optional[Tensor]) -> Tensor:
+    """-> dqkv (B, T, 3 H D) contiguous: the kernels write dq, dk, dv straight into its three parts."""
+    dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
+    _backward(do, *split_qkv(qkv, n_heads), o, lse, causal, dropout_p, scale, _seed_int(seed),
+              out=split_qkv(dqkv, n_heads))
+    return dqkv
+
+
+def _qkv_bwd_fake(do, qkv, o, lse, n_heads, causal, dropout_p, scale, seed):
+    return qkv.new_empty(qkv.shape)
+
+
+_fwd_op = launcher_op("gptcore::attention_fwd", _fwd_launcher, _fwd_fake)
+_bwd_op = launcher_op("gptcore::attention_bwd", _bwd_launcher, _bwd_fake)
+_qkv_fwd_op = launcher_op("gptcore::attention_qkv_fwd", _qkv_fwd_launcher, _qkv_fwd_fake)
+_qkv_bwd_op = launcher_op("gptcore::attention_qkv_bwd", _qkv_bwd_launcher, _qkv_bwd_fake)
+
+
+def _bthd_out() -> bool:
+    # eager: o in (B, T, H, D) memory, so the model's transpose-reshape is a view. Compiled: a
+    # contiguous o (a transposed custom-op output sent Inductor's GPU codegen into an exponential
+    # IR-printing loop on a 12-layer model).
+    return not torch.compiler.is_compiling()
+
+
 class _Attention(torch.autograd.Function):
+    """The one autograd path of attention, eager and compiled (kernels/_oplib.py)."""
+
     @staticmethod
     def forward(ctx, q, k, v, causal, dropout_p, scale, seed):
-        o, lse = _forward(q, k, v, causal, dropout_p, scale, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = causal, dropout_p, scale, seed
+        o, lse = _fwd_op(q, k, v, causal, dropout_p, scale, seed, _bthd_out())
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.args = (causal, dropout_p, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed)
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _bwd_op(do, q, k, v, o, lse, *ctx.args, seed)
         return dq, dk, dv, None, None, None, None
 
 
@@ -779,19 +858,15 @@ class _AttentionQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, n_heads, causal, dropout_p, scale, seed):
-        q, k, v = split_qkv(qkv, n_heads)
-        o, lse = _forward(q, k, v, causal, dropout_p, scale, seed)
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.n_heads, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed = n_heads, causal, dropout_p, scale, seed
+        o, lse = _qkv_fwd_op(qkv, n_heads, causal, dropout_p, scale, seed, _bthd_out())
+        ctx.save_for_backward(qkv, o, lse, seed)
+        ctx.args = (n_heads, causal, dropout_p, scale)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
-        dqkv = _alloc(qkv.shape, qkv.dtype, qkv.device)
-        _backward(do, *split_qkv(qkv, ctx.n_heads), o, lse, ctx.causal, ctx.dropout_p, ctx.scale, ctx.seed,
-                  out=split_qkv(dqkv, ctx.n_heads))
-        return dqkv, None, None, None, None, None
+        qkv, o, lse, seed = ctx.saved_tensors
+        return _qkv_bwd_op(do, qkv, o, lse, *ctx.args, seed), None, None, None, None, None
 
 
 def _check_qkv(qkv, n_heads: int) -> None:
@@ -803,25 +878,27 @@ def _check_qkv(qkv, n_heads: int) -> None:
                          f"n_heads={n_heads}")
 
 
-def _seed_for(dropout_p: float, seed: int | None) -> int:
-    if dropout_p > 0.0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-    seed = 0 if seed is None else int(seed)
-    if not 0 <= seed < 2**31:
+def _seed_for(dropout_p: float, seed: int | None) -> Optional[Tensor]:
+    """The dropout seed as a (1,) int64 CPU tensor (drawn from torch's CPU generator when None, so
+    torch.manual_seed makes runs repeat); None without dropout."""
+    if seed is not None and not 0 <= int(seed) < 2**31:
         raise ValueError(f"attention: seed must be in [0, 2**31), got {seed}")
-    return seed
+    if dropout_p > 0.0:
+        return torch.randint(0, 2**31 - 1, (1,)) if seed is None else torch.tensor([int(seed)])
+    return None
 
 
 def attention_qkv(qkv, n_heads: int, causal: bool = True, dropout_p: float = 0.0, scale: float | None = None,
                   seed: int | None = None) -> torch.Tensor:
     """attention(*split_qkv(qkv, n_heads), ...) for the model's packed c_attn output (B, T, 3C);
     same result, and its gradient arrives as one packed (B, T, 3C) tensor. Returns (B, H, T, D)."""
-    _check_qkv(qkv, n_heads)
     scale = None if scale is None else float(scale)
     dropout_p = float(dropout_p)
+    if not torch.compiler.is_compiling():  # while tracing, the fake impl checks (on metadata)
+        _check_qkv(qkv, n_heads)
+        _check_inputs(*split_qkv(qkv, n_heads), causal, dropout_p, scale)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    _check_inputs(*split_qkv(qkv, n_heads), causal, dropout_p, scale)
     scale = 1.0 / math.sqrt(qkv.shape[2] // (3 * n_heads)) if scale is None else scale
     return _AttentionQKV.apply(qkv, int(n_heads), bool(causal), dropout_p, scale, _seed_for(dropout_p, seed))
 
@@ -842,7 +919,8 @@ def attention(q, k, v, causal: bool = True, dropout_p: float = 0.0, scale: float
     """
     scale = None if scale is None else float(scale)
     dropout_p = float(dropout_p)
-    _check_inputs(q, k, v, causal, dropout_p, scale)
+    if not torch.compiler.is_compiling():  # while tracing, the fake impl checks (on metadata)
+        _check_inputs(q, k, v, causal, dropout_p, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     seed = _seed_for(dropout_p, seed)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

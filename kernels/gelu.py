@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import math
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from gptcore.kernels._launch import planned
+from gptcore.kernels._oplib import launcher_op
 
 from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
 
@@ -168,21 +172,41 @@ def _backward(dy2, x2, bias, out_shape, dx_dtype):
     return dx, None if db_part is None else sum_partials(db_part, [bias.dtype])[0]
 
 
+# ---- launcher ops (kernels/_oplib.py) and the op's one autograd path ----------------------------------
+def _fwd_launcher(x: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """gelu_tanh(x + bias): x's shape, stored in out_dtype."""
+    return _forward(as_rows(x), None if bias is None else bias.contiguous(), x.shape, out_dtype)
+
+
+def _fwd_fake(x, bias, out_dtype):
+    _check(x, bias, out_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+def _bwd_launcher(dy: Tensor, x: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """-> dx (x's shape and dtype), d bias (bias's dtype; None without a bias)."""
+    return _backward(as_rows(dy), as_rows(x), None if bias is None else bias.contiguous(), x.shape, x.dtype)
+
+
+def _bwd_fake(dy, x, bias):
+    return x.new_empty(x.shape), dy.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+
+
+_fwd_op = launcher_op("gptcore::gelu_fwd", _fwd_launcher, _fwd_fake)
+_bwd_op = launcher_op("gptcore::gelu_bwd", _bwd_launcher, _bwd_fake)
+
+
 class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, out_dtype):
-        x2 = as_rows(x)
-        bias = bias.contiguous() if bias is not None else None  # the kernels index it as (N,)
-        y = _forward(x2, bias, x.shape, out_dtype)
-        ctx.save_for_backward(x2, bias)
-        ctx.shape = x.shape
-        return y
+        ctx.save_for_backward(x, bias)  # the backward recomputes z = x + bias
+        return _fwd_op(x, bias, out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, bias = ctx.saved_tensors
-        dx, db = _backward(as_rows(dy), x2, bias, ctx.shape, x2.dtype)
-        return dx, db if ctx.needs_input_grad[1] else None, None
+        x, bias = ctx.saved_tensors
+        dx, db = _bwd_op(dy, x, bias)
+        return dx, db if bias is not None and ctx.needs_input_grad[1] else None, None
 
 
 def out_dtype_of(x, bias, out_dtype=None) -> torch.dtype:
@@ -210,5 +234,6 @@ def gelu(x, bias=None, out_dtype=None):
     """gelu_tanh(x + bias) in one pass (bias (N,) optional), stored in out_dtype (default: the dtype
     of x + bias; under autocast the MLP asks for its Linear's output dtype, so no cast follows).
     Same signature as ``gelu_ref``."""
-    _check(x, bias, out_dtype)
+    if not torch.compiler.is_compiling():  # while tracing, the fake impl checks (on metadata)
+        _check(x, bias, out_dtype)
     return _Gelu.apply(x, bias, out_dtype_of(x, bias, out_dtype))

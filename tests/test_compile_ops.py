@@ -1,9 +1,10 @@
-"""The kernels as custom ops (gptcore.compiled_ops) and torch.compile of the triton backend.
+"""torch.compile of the kernels' one autograd path (launcher ops, gptcore.kernels._oplib).
 
-- Each op through its custom op equals the eager Triton kernel bit for bit (outputs and every
-  gradient; same launchers, so any difference is a glue bug), on fresh random inputs with and
-  without residual / weight / bias, mixed dtypes, strided inputs, dropout. Buffers start as NaN.
-- torch.library.opcheck on every registered op (schema, fake impl, autograd registration).
+- Each op compiled (aot_eager, fullgraph) equals the same op eager bit for bit (outputs and every
+  gradient; the same Function and launchers, so any difference is a glue bug), on fresh random
+  inputs with and without residual / weight / bias, mixed dtypes, strided inputs, dropout.
+  Buffers start as NaN.
+- torch.library.opcheck on every launcher op (schema, fake impl).
 - torch.compile(model.loss, backend="aot_eager", fullgraph=True) of a tiny triton GPT traces with
   no graph break, keeps the kernels as gptcore:: nodes, and matches eager bit for bit (also with
   dropout: the seeds come from the same generator).
@@ -18,7 +19,6 @@ import torch
 from torch._dynamo.utils import counters
 
 from errcheck import assert_error_within
-from gptcore import compiled_ops
 from gptcore.config import GPTConfig
 from gptcore.kernels.attention import attention
 from gptcore.kernels.gelu import gelu
@@ -29,6 +29,16 @@ from gptcore.ops import get_ops
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
 f32, f16 = torch.float32, torch.float16
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()  # each test compiles afresh (no recompile limit reached across tests)
+    yield
+
+
+def _compiled(fn):
+    return torch.compile(fn, backend="aot_eager", fullgraph=True)
 
 
 def _leaves(*ts):
@@ -89,7 +99,7 @@ def test_layer_norm_op_matches_kernel(poisoned, x_dtype, res_dtype, p_dtype, has
         got = _outs_and_grads([y, h] if use_h else [y], [gy, gh] if use_h else [gy], leaves)
         return got if use_h else [h.detach()] + got
 
-    _assert_equal(run(compiled_ops.layer_norm), run(layer_norm), exact=True)  # the same kernels, out_dtype included
+    _assert_equal(run(_compiled(layer_norm)), run(layer_norm), exact=True)  # the same kernels, out_dtype included
 
 
 @pytest.mark.parametrize("bias_dtype", [None, f32, f16])
@@ -105,7 +115,7 @@ def test_gelu_op_matches_kernel(poisoned, x_dtype, bias_dtype, y_dtype):
         xs, bs = leaves = _leaves(x, b)
         return _outs_and_grads([fn(xs, bs, out_dtype=y_dtype)], [gy], leaves)
 
-    _assert_equal(run(compiled_ops.gelu), run(gelu), exact=y_dtype is None)
+    _assert_equal(run(_compiled(gelu)), run(gelu))  # the kernel stores out_dtype either way
 
 
 def _qkv(B, H, Tq, Tk, D, dtype):
@@ -133,7 +143,7 @@ def test_attention_op_matches_kernel(poisoned, causal, Tq, Tk, dtype, dropout_p,
         leaves = _leaves(q, k, v)
         return _outs_and_grads([fn(*leaves, causal, dropout_p, None, seed)], [go], leaves)
 
-    _assert_equal(run(compiled_ops.attention), run(attention))
+    _assert_equal(run(_compiled(attention)), run(attention))
 
 
 @pytest.mark.parametrize("causal,dropout_p,seed", [(True, 0.0, None), (False, 0.25, 1234)])
@@ -148,14 +158,14 @@ def test_attention_qkv_op_matches_kernel(causal, dropout_p, seed):
         leaves = _leaves(qkv)
         return _outs_and_grads([fn(*leaves, H, causal, dropout_p, None, seed)], [go], leaves)
 
-    _assert_equal(run(compiled_ops.attention_qkv), run(attention_qkv))
+    _assert_equal(run(_compiled(attention_qkv)), run(attention_qkv))
 
 
 def test_attention_draws_the_seed_like_the_kernel():
-    """seed=None with dropout: the custom op draws its seed from torch's CPU generator as the eager
-    kernel does (same mask after the same torch.manual_seed), also compiled; a new seed, a new mask."""
+    """seed=None with dropout: compiled, the seed is drawn from torch's CPU generator as eagerly
+    (same mask after the same torch.manual_seed); a new seed, a new mask."""
     q, k, v = _qkv(1, 2, 16, 16, 16, f32)
-    compiled = torch.compile(compiled_ops.attention, backend="aot_eager", fullgraph=True)
+    compiled = _compiled(attention)
 
     def run(fn, s):
         torch.manual_seed(s)
@@ -163,7 +173,6 @@ def test_attention_draws_the_seed_like_the_kernel():
         return _outs_and_grads([fn(*leaves, True, 0.3)], [torch.ones_like(q)], leaves)
 
     want = run(attention, 0)
-    _assert_equal(run(compiled_ops.attention, 0), want)
     _assert_equal(run(compiled, 0), want)
     assert not torch.equal(run(compiled, 1)[0], want[0])
 
@@ -178,46 +187,49 @@ def _opcheck_cases():
     qkv = torch.randn(1, 8, 3 * 2 * 16, device=DEV)
     seed = torch.tensor([3])
     g = torch.ops.gptcore
+    h, wte, tgt = torch.randn(6, 16, device=DEV), torch.randn(40, 16, device=DEV), torch.randint(0, 40, (6,), device=DEV)
     return {
-        "layer_norm": (g.layer_norm, (x, w, b, 1e-5, None)),
-        "layer_norm_no_params": (g.layer_norm, (x, None, None, 1e-5, None)),
-        "layer_norm_out_f16": (g.layer_norm, (x, w, b, 1e-5, f16)),
-        "add_layer_norm": (g.add_layer_norm, (x, r.half(), w, None, 1e-5)),
-        "add_layer_norm_out_f16": (g.add_layer_norm, (x, r, w, b, 1e-5, f16)),
-        "gelu": (g.gelu, (x, b)),
-        "attention": (g.attention, (q, k, v, True, 0.3, 0.25, seed)),
-        "layer_norm_backward": (g.layer_norm_backward, (r, x, w, None, 1e-5, None, mean, rstd)),
-        "add_layer_norm_backward": (g.add_layer_norm_backward, (r, None, x, w, b, mean, rstd, f16, f32)),
-        "gelu_backward": (g.gelu_backward, (r, x, None)),
-        "attention_backward": (g.attention_backward, (torch.randn_like(q), q, k, v, o, lse, False, 0.0, 0.25, None)),
-        "attention_qkv": (g.attention_qkv, (qkv, 2, True, 0.3, 0.25, seed)),
-        "attention_qkv_backward": (g.attention_qkv_backward, (torch.randn_like(q), qkv, o, lse, 2, True, 0.0, 0.25,
-                                                              None)),
+        "layer_norm": (g.layer_norm_fwd, (x, None, w, b, 1e-5, None)),
+        "layer_norm_no_params": (g.layer_norm_fwd, (x, None, None, None, 1e-5, None)),
+        "layer_norm_out_f16": (g.layer_norm_fwd, (x, None, w, b, 1e-5, f16)),
+        "add_layer_norm": (g.layer_norm_fwd, (x, r.half(), w, None, 1e-5, None)),
+        "add_layer_norm_out_f16": (g.layer_norm_fwd, (x, r, w, b, 1e-5, f16)),
+        "gelu": (g.gelu_fwd, (x, b, f32)),
+        "attention": (g.attention_fwd, (q, k, v, True, 0.3, 0.25, seed, False)),
+        "attention_bthd": (g.attention_fwd, (q, k, v, True, 0.0, 0.25, None, True)),
+        "layer_norm_backward": (g.layer_norm_bwd, (r, None, x, w, None, mean, rstd, f32, None)),
+        "add_layer_norm_backward": (g.layer_norm_bwd, (r, x, x, w, f32, mean, rstd, f16, f32)),
+        "gelu_backward": (g.gelu_bwd, (r, x, None)),
+        "attention_backward": (g.attention_bwd, (torch.randn_like(q), q, k, v, o, lse, False, 0.0, 0.25, None)),
+        "attention_qkv": (g.attention_qkv_fwd, (qkv, 2, True, 0.3, 0.25, seed, False)),
+        "attention_qkv_backward": (g.attention_qkv_bwd, (torch.randn_like(q), qkv, o, lse, 2, True, 0.0, 0.25,
+                                                         None)),
+        "linear_cross_entropy": (g.linear_cross_entropy_fwd, (h, wte, tgt, -100, "mean", 4, "triton", f32, True)),
     }
 
 
 @pytest.mark.parametrize("case", list(_opcheck_cases()))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
-    if not case.endswith("backward"):  # forward ops: check the autograd registration with grads
-        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
-    torch.library.opcheck(op, args)
+    torch.library.opcheck(op, args)  # schema-only ops: their autograd is the kernel's Function
 
 
 # ---- checks and dispatch --------------------------------------------------------------------------
 def test_bad_input_errors_eager_and_compiled():
     x, b = torch.randn(4, 8, device=DEV), torch.randn(9, device=DEV)
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
-        compiled_ops.gelu(x, b)
+        gelu(x, b)
+    with pytest.raises(Exception, match=r"bias must have shape \(8,\)"):
+        _compiled(gelu)(x, b)
     q = torch.randn(1, 1, 4, 48, device=DEV)
     with pytest.raises(ValueError, match="head_dim 48 is not supported"):
-        compiled_ops.attention(q, q, q)
+        attention(q, q, q)
     # while compiling, the fake impls run the same checks on the traced shapes
     torch._dynamo.reset()  # static shapes: a recompile would name the dim by its symbol (s0) instead
     with pytest.raises(Exception, match="head_dim 48 is not supported"):
-        torch.compile(compiled_ops.attention, backend="aot_eager", fullgraph=True)(q, q, q)
+        _compiled(attention)(q, q, q)
     with pytest.raises(ValueError, match="seed must be in"):
-        compiled_ops.attention(q[..., :16], q[..., :16], q[..., :16], dropout_p=0.1, seed=-1)
+        attention(q[..., :16], q[..., :16], q[..., :16], dropout_p=0.1, seed=-1)
 
 
 def _tiny(**kw):
@@ -226,7 +238,7 @@ def _tiny(**kw):
 
 def test_triton_backend_eager_runs_the_functions_compiled_the_ops():
     ops = get_ops("triton")
-    assert ops.layer_norm.__wrapped__ is layer_norm and ops.attention.__wrapped__ is attention
+    assert ops.layer_norm is layer_norm and ops.attention is attention  # one definition per op
     # eager: the autograd.Function kernels (no custom-op dispatch on the host)
     x = torch.randn(2, 8, device=DEV, requires_grad=True)
     assert type(ops.layer_norm(x, None, None, 1e-5).grad_fn).__name__ == "_LayerNormBackward"
@@ -242,16 +254,18 @@ def test_triton_backend_eager_runs_the_functions_compiled_the_ops():
     model = GPT(_tiny(n_layers=1), backend="triton").to(DEV)
     idx = torch.randint(0, 97, (2, 8), device=DEV)
     torch.compile(model.loss, backend=capture, fullgraph=True)(idx, idx)
-    names = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
-    ops_seen = ("layer_norm", "add_layer_norm", "gelu", "attention", "attention_qkv")
+    # the Functions' forward subgraphs hold the launcher ops (backward subgraphs the _bwd ones)
+    names = [str(n.target) for g in graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+             for n in m.graph.nodes if n.op == "call_function"]
+    ops_seen = ("layer_norm_fwd", "gelu_fwd", "attention_fwd", "attention_qkv_fwd", "linear_cross_entropy_fwd")
     counts = {op: names.count(f"gptcore.{op}.default") for op in ops_seen}
     # the model's attention takes the packed c_attn output (attention_qkv), not three views
-    assert counts == {"layer_norm": 1, "add_layer_norm": 2, "gelu": 1, "attention": 0, "attention_qkv": 1}, (
-        counts, names)
+    assert counts == {"layer_norm_fwd": 3, "gelu_fwd": 1, "attention_fwd": 0, "attention_qkv_fwd": 1,
+                      "linear_cross_entropy_fwd": 1}, (counts, names)
 
 
 def test_ops_become_explicit_inductor_fallbacks_when_traced():
-    """The fake impls register every gptcore op as an explicit Inductor fallback (compiled_ops.
+    """The fake impls register every gptcore op as an explicit Inductor fallback (kernels/_oplib.py
     _inductor_fallbacks): torch 2.11's implicit path printed the whole op chain's IR per op."""
     from torch._inductor import lowering
 
@@ -259,8 +273,8 @@ def test_ops_become_explicit_inductor_fallbacks_when_traced():
     model = GPT(_tiny(n_layers=1), backend="triton").to(DEV)
     idx = torch.randint(0, 97, (2, 8), device=DEV)
     torch.compile(model.loss, backend="aot_eager", fullgraph=True)(idx, idx)
-    for name in ("layer_norm", "layer_norm_backward", "add_layer_norm", "add_layer_norm_backward", "gelu",
-                 "gelu_backward", "attention_qkv", "attention_qkv_backward", "linear_cross_entropy"):
+    for name in ("layer_norm_fwd", "layer_norm_bwd", "gelu_fwd", "gelu_bwd", "attention_qkv_fwd",
+                 "attention_qkv_bwd", "linear_cross_entropy_fwd"):
         assert getattr(torch.ops.gptcore, name).default in lowering.lowerings, name
 
 
@@ -373,7 +387,7 @@ def test_inductor_gpt2_bf16_autocast_matches_eager():
 @pytest.mark.gpu
 def test_inductor_attention_dropout_seeding():
     q, k, v = _qkv(2, 12, 256, 256, 64, torch.bfloat16)
-    compiled = torch.compile(compiled_ops.attention, fullgraph=True)
+    compiled = torch.compile(attention, fullgraph=True)
     # an explicit seed: the kernel's mask, bit for bit
     _assert_equal([compiled(q, k, v, True, 0.1, None, 99)], [attention(q, k, v, True, 0.1, None, 99)])
 

@@ -178,11 +178,11 @@ def test_peak_memory_stays_below_one_full_logits_copy(impl):
 
 # ---- torch.library registration and torch.compile ------------------------------------------------
 def test_custom_op_registration_passes_opcheck(device):
-    from gptcore.loss import _fused
+    from gptcore.loss import _fused_forward_op
 
     h, w, y = _inputs(9, 8, 13, torch.float32, device)
-    args = (h.requires_grad_(), w.requires_grad_(), y, -100, "mean", 4, "torch", torch.float32, True)
-    torch.library.opcheck(_fused.forward_op, args)
+    args = (h, w, y, -100, "mean", 4, "torch", torch.float32, True)
+    torch.library.opcheck(_fused_forward_op.op, args)
 
 
 def test_compiled_fused_loss_matches_eager(device):
@@ -199,29 +199,45 @@ def test_compiled_fused_loss_matches_eager(device):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_custom_op_helper_on_a_toy_op(device):
-    """autograd_op: optional tensor input, a residual, gradcheck, and a fullgraph compile."""
+def test_launcher_op_on_a_toy_op(device):
+    """launcher_op: eager calls run the launcher itself, compiled calls the schema-only op; an
+    absent (None) result becomes an empty tensor in the op; one Function's backward serves both."""
     from typing import Optional
 
-    from gptcore.custom_ops import autograd_op
+    from gptcore.kernels._oplib import launcher_op
+
+    calls = []
 
     def fwd(x: torch.Tensor, b: Optional[torch.Tensor], s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(x)
         t = torch.tanh(x if b is None else x + b)
-        return t * s, t.clone()  # result, residual
+        return t * s, (t.clone() if b is not None else None)
 
-    def bwd(dy: torch.Tensor, x: torch.Tensor, b: Optional[torch.Tensor], s: float,
-            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dx = dy * s * (1 - t * t)
-        return dx, (dx.sum(0) if b is not None else dx.new_empty(0))
+    op = launcher_op("gptcore_test::scaled_tanh_fwd", fwd,
+                     lambda x, b, s: (torch.empty_like(x), x.new_empty(0) if b is None else torch.empty_like(x)))
 
-    op = autograd_op("gptcore_test::scaled_tanh", fwd, bwd, n_outputs=1,
-                     forward_fake=lambda x, b, s: (torch.empty_like(x), torch.empty_like(x)))
+    class F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, b, s):
+            y, t = op(x, b, s)
+            ctx.save_for_backward(torch.tanh(x if b is None else x + b))
+            ctx.s, ctx.has_b = s, b is not None
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            (t,) = ctx.saved_tensors
+            dx = dy * ctx.s * (1 - t * t)
+            return dx, dx.sum(0) if ctx.has_b else None, None
+
     x = torch.randn(5, 3, dtype=torch.float64, device=device, requires_grad=True)
     b = torch.randn(3, dtype=torch.float64, device=device, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, b: op(x, b, 2.0), (x, b))
-    assert torch.autograd.gradcheck(lambda x: op(x, None, 2.0), (x,))
-    torch.library.opcheck(op.forward_op, (x, b, 2.0))
-    f = torch.compile(lambda x, b: op(x, b, 2.0).sum(), backend="aot_eager", fullgraph=True)
+    assert torch.autograd.gradcheck(lambda x, b: F.apply(x, b, 2.0), (x, b))
+    assert op(x, None, 2.0)[1] is None  # eager: the launcher's own result
+    assert op.op(x.detach(), None, 2.0)[1].shape == (0,)  # the op: an empty tensor in its place
+    torch.library.opcheck(op.op, (x.detach(), b.detach(), 2.0))
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, b: F.apply(x, b, 2.0).sum(), backend="aot_eager", fullgraph=True)
     f(x, b).backward()
     torch.testing.assert_close(b.grad, (2.0 * (1 - torch.tanh(x + b) ** 2)).sum(0).detach())
 
