@@ -268,7 +268,7 @@ def test_model_default_loss_is_fused_and_matches_plain(backend, device):
     # the default path really is the chunked op: no (rows, vocab) logits are kept for backward
     model.zero_grad(set_to_none=True)
     loss = model.loss(idx, tgt)
-    assert "linear_cross_entropy" in type(loss.grad_fn).__name__ or "linear_cross_entropy" in loss.grad_fn.name()
+    assert "LinearCrossEntropy" in type(loss.grad_fn).__name__ or "LinearCrossEntropy" in loss.grad_fn.name()
 
 
 def test_compiled_model_loss_matches_eager(device):
