@@ -171,7 +171,8 @@ class GraphedStep:
                              "(build the optimizer with gptcore.graph_step.adamw)")
         if not all(g.get("fused") and g.get("capturable") for g in optimizer.param_groups):
             raise ValueError("GraphedStep needs a fused AdamW with capturable=True (gptcore.graph_step.adamw)")
-        self.loss_fn, self.optimizer, self.params = loss_fn, optimizer, list(params)
+        self.loss_fn, self.optimizer = loss_fn, optimizer
+        self.params = [p for p in params if p.requires_grad]
         self.accum, self.device, self.autocast, self.grad_clip = accum, device, autocast, grad_clip
         self.warmup = warmup
         self.lr = optimizer.param_groups[0]["lr"]
@@ -221,6 +222,7 @@ class GraphedStep:
         cur.wait_stream(side)
         self._force_skip.fill_(0.0)
         torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-up's cached blocks: the graph gets its own pool
         missing = [i for i, p in enumerate(self.params) if p.grad is None]
         if missing:
             raise RuntimeError(f"GraphedStep: {len(missing)} parameter(s) got no gradient in the warm-up "

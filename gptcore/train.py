@@ -13,6 +13,13 @@ way, so the data is a function of the step alone: resuming needs no loader state
 Each micro-batch loss is divided by grad_accum; DDP averages gradients over ranks (no
 division by world size anywhere else), and gradients are all-reduced on the last micro-step only.
 
+Steps. On a CUDA GPU the whole optimizer step (every micro-batch's forward and backward, gradient
+clipping, AdamW, the non-finite skip) is captured once in a CUDA graph and replayed (--cuda-graph
+auto; gptcore.graph_step); the start-up log says when it is not and why (DDP, fp16, ...). Neither path
+waits for the GPU per step: loss and grad norm stay on the device and are read back every
+--log-interval steps (every step on the CPU) and before evaluations, samples and checkpoints; the
+metrics rows are still one per step, and a run of non-finite steps stops the run at that read-back.
+
 Out dir: ckpt-NNNNNNN/ (the last --keep-last), best/ (lowest val loss), latest (names the newest
 ckpt), metrics.jsonl (one row per step and per evaluation), loss.png (with matplotlib).
 
@@ -576,6 +583,10 @@ class Trainer:
         self.model.grad_checkpointing = cfg.grad_checkpointing
         self.use_graph, self.graph_note = self._graph_decision()
         self.graph: Optional[GraphedStep] = None  # captured in run(), after the optimizer state is restored
+        self._pending: list = []  # (step, lr, tokens, device record) of the steps not read back yet
+        self._losses: dict[int, float] = {}  # step -> mean train loss, as read back
+        self._train_time: list[tuple[int, float]] = []  # (steps, seconds) of each read-back interval
+        self._mark = time.perf_counter()  # start of the current read-back interval
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step, self.tokens, self.best_val, self.bad_run = 0, 0, None, 0
@@ -1015,9 +1026,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg = self.cfg
         vals = {}
-        self._losses: dict[int, float] = {}
-        self._pending: list = []  # (step, lr, tokens, device record) of the steps not read back yet
-        self._train_time: list[tuple[int, float]] = []  # (steps, seconds) of each read-back interval
+        self._losses, self._train_time = {}, []
         if self.step == 0 and self.eval_batches:
             val = vals[0] = self.last_val = self.evaluate()
             self._metric({"kind": "eval", "step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
