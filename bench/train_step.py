@@ -232,7 +232,8 @@ def _bench_config(c: Config, preset: str, B: int, T: int, device: str, rep_ms: f
 
 
 # ---- longest trainable context at batch 1 ----------------------------------------------------------
-def _fits(c: Config, preset: str, T: int, device: str, pos_emb: str | None = None) -> tuple[bool, float | None, str | None]:
+def _fits(c: Config, preset: str, T: int, device: str,
+          pos_emb: str | None = None) -> tuple[bool, float | None, str | None]:
     """(fits, peak GiB, error other than OOM) for one eager train step at batch 1, context T."""
     model = opt = None
     try:

@@ -42,7 +42,7 @@ class GraphUnavailable(ValueError):
 
 def unavailable_reason(*, device: torch.device, world: int = 1, precision: str = "bf16", compile: bool = False,
                        compile_mode: str = "default", backend: str = "triton", drop_rate: float = 0.0,
-                       dynamic_shapes: bool = False) -> Optional[str]:
+                       grad_checkpointing: bool = False, dynamic_shapes: bool = False) -> Optional[str]:
     """Why one optimizer step of this configuration cannot be captured in a CUDA graph (None: it can)."""
     device = torch.device(device)
     if device.type != "cuda":
@@ -57,6 +57,10 @@ def unavailable_reason(*, device: torch.device, world: int = 1, precision: str =
     if backend == "triton" and drop_rate > 0:
         return ("the triton attention draws its dropout seed on the host, so a graph would replay one mask "
                 "every step; use --drop-rate 0, --backend torch, or --cuda-graph off")
+    if grad_checkpointing and drop_rate > 0:
+        return ("grad checkpointing with dropout: the recompute restores the RNG state with host calls that a "
+                "replay would not repeat (its masks would differ from the forward's); use --drop-rate 0 or "
+                "--cuda-graph off")
     if dynamic_shapes:
         return "the batch shapes change from step to step; a graph replays one shape"
     return None

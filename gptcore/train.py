@@ -752,7 +752,8 @@ class Trainer:
         cfg = self.cfg
         reason = unavailable_reason(device=self.device, world=self.dist.world, precision=self.precision,
                                     compile=cfg.compile, compile_mode=cfg.compile_mode, backend=self.backend,
-                                    drop_rate=self.model.config.drop_rate)
+                                    drop_rate=self.model.config.drop_rate,
+                                    grad_checkpointing=cfg.grad_checkpointing)
         try:
             return resolve(cfg.cuda_graph, reason)
         except GraphUnavailable as e:

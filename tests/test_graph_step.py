@@ -59,6 +59,7 @@ CUDA = torch.device("cuda")
     ({"device": CUDA, "compile": True, "compile_mode": "reduce-overhead"}, "captures CUDA graphs of its own"),
     ({"device": CUDA, "compile": True, "compile_mode": "max-autotune"}, "captures CUDA graphs of its own"),
     ({"device": CUDA, "backend": "triton", "drop_rate": 0.1}, "dropout seed on the host"),
+    ({"device": CUDA, "backend": "torch", "drop_rate": 0.1, "grad_checkpointing": True}, "grad checkpointing"),
     ({"device": CUDA, "dynamic_shapes": True}, "a graph replays one shape"),
 ])
 def test_unavailable_reasons(kw, words):
@@ -78,6 +79,7 @@ def test_unavailable_reasons(kw, words):
     {"backend": "torch", "drop_rate": 0.1},  # torch's dropout draws philox offsets a replay advances
     {"backend": "triton", "drop_rate": 0.0},
     {"precision": "fp32"},
+    {"grad_checkpointing": True},  # without dropout the recompute draws no random numbers
 ])
 def test_capturable_configurations(kw):
     assert G.unavailable_reason(device=CUDA, **kw) is None
