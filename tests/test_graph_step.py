@@ -151,17 +151,18 @@ def _poison_from(monkeypatch, first_bad: int):
 
 
 def test_non_finite_stop_with_deferred_read_back(tmp_path, monkeypatch, capsys):
-    """Steps 4.. are NaN; read back every 5 steps: the stop is found at the read-back of step 10,
-    names the step where the run of bad steps reached the limit, and keeps the last good checkpoint."""
+    """Steps 4.. are NaN, read back every 5 steps and at each checkpoint step (3, 6, 9): the fourth bad
+    step in a row (7) is found at the read-back of step 9; the error names step 7, rows stop there, and
+    the last good checkpoint (3) is kept: step 6's periodic save was refused, as it had bad steps."""
     _poison_from(monkeypatch, 4)
     rc, out = _run(tmp_path, "run", monkeypatch, 5, ["--max-steps", "20", "--ckpt-interval", "3",
-                                                     "--eval-interval", "0", "--max-bad-steps", "3"])
+                                                     "--eval-interval", "0", "--max-bad-steps", "4"])
     err = capsys.readouterr().err
     assert rc == 1
-    assert "3 steps in a row had a non-finite loss or gradient; stopped at step 6" in err and "ckpt-0000003" in err
-    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000003"]  # step 6's periodic save did not happen
+    assert "4 steps in a row had a non-finite loss or gradient; stopped at step 7" in err and "ckpt-0000003" in err
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-0000003"]
     skipped = metrics(out, "skipped")
-    assert [s for s, v in skipped.items() if v] == [4, 5, 6]  # rows up to the one that stopped the run
+    assert sorted(skipped) == list(range(1, 8)) and [s for s, v in skipped.items() if v] == [4, 5, 6, 7]
 
 
 # ---- optimizer state across devices (CPU) -----------------------------------------------------------------
