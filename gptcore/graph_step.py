@@ -73,8 +73,8 @@ def resolve(mode: str, reason: Optional[str]) -> tuple[bool, str]:
     if mode == "off":
         return False, "cuda graph: off (--cuda-graph off): eager step"
     if reason is None:
-        return True, f"cuda graph: on ({'default' if mode == 'auto' else '--cuda-graph on'}): one replay per " \
-                     f"optimizer step, losses read back every log interval"
+        how = "default" if mode == "auto" else "--cuda-graph on"
+        return True, f"cuda graph: on ({how}): one replay per optimizer step, losses read back every log interval"
     if mode == "on":
         raise GraphUnavailable(f"--cuda-graph on: cannot capture the step: {reason} (or use --cuda-graph auto, "
                                f"which falls back to the eager step)")

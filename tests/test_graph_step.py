@@ -224,13 +224,15 @@ def _gpu_run(out: Path, *extra) -> tuple[int, str]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend, dtype", [("triton", "bf16"), ("torch", "bf16"), ("triton", "fp32")])
-def test_gpu_graph_step_matches_the_eager_step_bit_for_bit(tmp_path, backend, dtype):
+@pytest.mark.parametrize("backend, dtype, extra", [("triton", "bf16", []), ("torch", "bf16", []), ("triton", "fp32", []),
+                                                   ("triton", "bf16", ["--grad-checkpointing"])],
+                         ids=["triton-bf16", "torch-bf16", "triton-fp32", "triton-bf16-grad-checkpointing"])
+def test_gpu_graph_step_matches_the_eager_step_bit_for_bit(tmp_path, backend, dtype, extra):
     """Same kernels in the same order, grads zeroed in place (0 + g == g exactly), the same capturable
     fused AdamW with the same fp32 lr tensor and on-device skip in both paths: the losses and grad norms
     of the captured step equal the eager step's exactly (no dropout here: the paths seed it differently)."""
     common = ["--max-steps", "7", "--grad-accum", "2", "--eval-interval", "0", "--ckpt-interval", "0",
-              "--backend", backend, "--dtype", dtype]
+              "--backend", backend, "--dtype", dtype, *extra]
     rc_e, log_e = _gpu_run(tmp_path / "eager", "--cuda-graph", "off", *common)
     rc_g, log_g = _gpu_run(tmp_path / "graph", "--cuda-graph", "on", *common)
     assert rc_e == rc_g == 0
