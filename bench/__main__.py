@@ -52,9 +52,12 @@ def _parse(argv):
     ap.add_argument("--preset", default=None, help="model preset for train/generate (default: gpt2; tiny on CPU)")
     ap.add_argument("--batch-size", type=int, default=None, help="train: sequences per step (default 16)")
     ap.add_argument("--seq-len", type=int, default=None, help="train: tokens per sequence (default 1024)")
+    ap.add_argument("--rope", action="store_true",
+                    help="train: rotary position embeddings (pos_emb='rope') instead of the preset's")
     ap.add_argument("--configs", default=None,
-                    help="train: comma-separated subset of torch,triton,torch+compile,triton+compile,"
-                         "torch+fusedCE,reference")
+                    help="train: comma-separated subset of torch,triton (graph-captured, the trainer's "
+                         "default),triton-nograph,torch+compile,triton+compile,torch+fusedCE,reference and, "
+                         "only when named, torch+compile-cg,triton+compile-cg")
     ap.add_argument("--time-budget", type=float, default=None, help="train: seconds for the whole area (default 240)")
     ap.add_argument("--no-context-search", action="store_true", help="train: skip the longest-context search")
     ap.add_argument("--no-plots", action="store_true", help="write no PNG files")
@@ -65,7 +68,8 @@ def _kwargs_for(fn, args) -> dict:
     """The CLI options this module's run() accepts (those the user gave, plus quick)."""
     given = {"quick": args.quick, "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "configs": args.configs.split(",") if args.configs else None, "time_budget_s": args.time_budget,
-             "context_search": False if args.no_context_search else None}
+             "context_search": False if args.no_context_search else None,
+             "pos_emb": "rope" if args.rope else None}
     params = inspect.signature(fn).parameters
     return {k: v for k, v in given.items() if v is not None and k in params}
 

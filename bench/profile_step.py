@@ -94,17 +94,17 @@ def _summary(rows: list[dict]) -> list[dict]:
 
 
 def train_step(config: str, preset: str, B: int, T: int):
-    from bench.train_step import CONFIGS, _build, _make_step
+    from bench.train_step import CONFIGS, _build, make_step
 
     c = next((c for c in CONFIGS if c.label == config), None)
     if c is None:
         raise SystemExit(f"unknown --config {config!r}; choose from {[c.label for c in CONFIGS]}")
-    model, opt = _build(preset, c.backend, T, "cuda")
+    model, opt = _build(preset, c.backend, T, "cuda", graph=c.graph)
     V = model.config.vocab_size
     x = torch.randint(0, V, (B, T), device="cuda")
     y = torch.randint(0, V, (B, T), device="cuda")
     loss_fn = torch.compile(model.loss) if c.compile else None
-    step = _make_step(model, opt, x, y, c.fused_loss, loss_fn)
+    step = make_step(c, model, opt, x, y, loss_fn)
     for _ in range(3):
         step()
     return step, {"what": f"train step {config}", "preset": preset, "B": B, "T": T, "tokens": B * T}
@@ -138,7 +138,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("train", help="one full train step (forward, loss, backward, AdamW)")
-    t.add_argument("--config", default="triton", help="a bench.train_step configuration label (default triton)")
+    t.add_argument("--config", default="triton",
+                   help="a bench.train_step configuration label (default triton: the graph-captured step; "
+                        "triton-nograph: the same kernels stepped eagerly)")
     t.add_argument("--preset", default="gpt2")
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--seq-len", type=int, default=1024)

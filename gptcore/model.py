@@ -220,7 +220,10 @@ class GPT(nn.Module):
         recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.transformer.h):
             if recompute:
-                branch, resid = checkpoint(block, branch, resid, self.ops, rope, kv_cache, i, use_reentrant=False)
+                # without dropout the recompute draws no random numbers: saving the RNG state (host
+                # calls that a CUDA-graph capture refuses) is only needed with dropout
+                branch, resid = checkpoint(block, branch, resid, self.ops, rope, kv_cache, i, use_reentrant=False,
+                                           preserve_rng_state=cfg.drop_rate > 0)
             else:
                 branch, resid = block(branch, resid, self.ops, rope, kv_cache, i)
         ln = self.transformer.ln_f

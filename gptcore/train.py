@@ -13,6 +13,13 @@ way, so the data is a function of the step alone: resuming needs no loader state
 Each micro-batch loss is divided by grad_accum; DDP averages gradients over ranks (no
 division by world size anywhere else), and gradients are all-reduced on the last micro-step only.
 
+Steps. On a CUDA GPU the whole optimizer step (every micro-batch's forward and backward, gradient
+clipping, AdamW, the non-finite skip) is captured once in a CUDA graph and replayed (--cuda-graph
+auto; gptcore.graph_step); the start-up log says when it is not and why (DDP, fp16, ...). Neither path
+waits for the GPU per step: loss and grad norm stay on the device and are read back every
+--log-interval steps (every step on the CPU) and before evaluations, samples and checkpoints; the
+metrics rows are still one per step, and a run of non-finite steps stops the run at that read-back.
+
 Out dir: ckpt-NNNNNNN/ (the last --keep-last), best/ (lowest val loss), latest (names the newest
 ckpt), metrics.jsonl (one row per step and per evaluation), loss.png (with matplotlib).
 
@@ -51,6 +58,8 @@ from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, find_
                                 restore_rng, save_checkpoint, update_latest)
 from gptcore.config import PRESETS, GPTConfig
 from gptcore.data import DataError, prepare
+from gptcore.graph_step import (GraphedStep, GraphUnavailable, adamw, after_load_state_dict, clip_and_check,
+                                portable_state_dict, resolve, set_lr, skip_if, unavailable_reason)
 from gptcore.model import GPT
 from gptcore.ops import BACKENDS
 from gptcore.tokenizer import ENDOFTEXT, get_encoding
@@ -136,6 +145,10 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N", "runtime",
                        shown="auto: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     progress: bool = _opt(True, "show a progress bar (--no-progress: plain log lines)", "runtime")
+    cuda_graph: str = _opt("auto", "capture each whole optimizer step (micro-batches, clipping, AdamW, the "
+                           "non-finite skip) in one CUDA graph: auto (on with CUDA where the run allows it; the "
+                           "start-up log says why not), on (an error where it cannot), off (the eager step)",
+                           "runtime", choices=["auto", "on", "off"])
 
     def validate(self) -> None:
         positive = ["batch_size", "grad_accum", "eval_steps", "keep_last", "log_interval", "max_bad_steps"]
@@ -568,6 +581,12 @@ class Trainer:
         self.eval_batches = self._eval_batches()
         self.model.to(self.device).train()
         self.model.grad_checkpointing = cfg.grad_checkpointing
+        self.use_graph, self.graph_note = self._graph_decision()
+        self.graph: Optional[GraphedStep] = None  # captured in run(), after the optimizer state is restored
+        self._pending: list = []  # (step, lr, tokens, device record) of the steps not read back yet
+        self._losses: dict[int, float] = {}  # step -> mean train loss, as read back
+        self._train_time: list[tuple[int, float]] = []  # (steps, seconds) of each read-back interval
+        self._mark = time.perf_counter()  # start of the current read-back interval
         self.optimizer = self._optimizer()
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step, self.tokens, self.best_val, self.bad_run = 0, 0, None, 0
@@ -728,12 +747,25 @@ class Trainer:
             self._resume_notes.append("changed since the checkpoint: " +
                                       ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in other))
 
+    def _graph_decision(self) -> tuple[bool, str]:
+        """--cuda-graph: whether run() captures the step, and the start-up line that says so (and why not)."""
+        cfg = self.cfg
+        reason = unavailable_reason(device=self.device, world=self.dist.world, precision=self.precision,
+                                    compile=cfg.compile, compile_mode=cfg.compile_mode, backend=self.backend,
+                                    drop_rate=self.model.config.drop_rate,
+                                    grad_checkpointing=cfg.grad_checkpointing)
+        try:
+            return resolve(cfg.cuda_graph, reason)
+        except GraphUnavailable as e:
+            raise ConfigError(str(e)) from None
+
     def _optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; on CUDA fused and capturable with a device lr, for the graph and the eager step alike
+        (so both skip a non-finite step on the device and a checkpoint resumes on either)."""
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-        fused = True if self.device.type == "cuda" else None
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas, fused=fused)
+        return adamw(groups, self.cfg.lr, self.cfg.betas, self.device)
 
     def _restore(self, ck) -> None:
         st = ck.state
@@ -745,6 +777,7 @@ class Trainer:
                 f"-> {self.data.hash[:12]}): the run goes on with the new data")
         try:
             self.optimizer.load_state_dict(st["optimizer"])
+            after_load_state_dict(self.optimizer, self.cfg.lr)  # this device's AdamW flags, lr and step tensors
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
         except (KeyError, ValueError, RuntimeError) as e:
@@ -809,6 +842,7 @@ class Trainer:
         print(f"model: {m.num_params() / 1e6:.2f}M parameters, {self.init_note}; backend {m.backend} ({report})")
         print(f"device {self.device}, world {self.dist.world}, dtype {self.precision}"
               f"{', compiled' if cfg.compile else ''}{', grad checkpointing' if cfg.grad_checkpointing else ''}")
+        print(self.graph_note, flush=True)
         epochs = self.max_steps * self.tokens_per_step / max(1, self.data.manifest["train_tokens"])
         print(f"data: {cfg.data} ({self.data.manifest['train_tokens']:,} train / {self.data.manifest['val_tokens']:,} "
               f"val tokens, manifest {self.data.hash[:12]})")
@@ -820,49 +854,127 @@ class Trainer:
             print(note, flush=True)
 
     # -- one step ---------------------------------------------------------------------------------
-    def train_step(self, stop_requested: Callable[[], bool] = lambda: False) -> tuple[float, float, bool]:
+    # A step leaves its record on the device: [sum of its micro-batch losses, grad norm, ok(, stop)].
+    # _read_back turns the queued records into metrics rows with one host sync every
+    # _readback_interval() steps (and before evaluations, samples, checkpoints and the end).
+    def train_step(self, stop_requested: Callable[[], bool] = lambda: False) -> bool:
         """Forward/backward over grad_accum micro-batches, then one optimizer update unless the loss
-        or gradient is non-finite. Returns (mean loss, grad norm, whether any rank asked to stop)."""
+        or gradient is non-finite (decided on the device). Queues the step's record for _read_back and
+        returns whether this process was asked to stop (under DDP the ranks agree at the read-back)."""
+        lr = lr_at(self.step, self.cfg, self.max_steps)
+        rec = self._graph_step(lr) if self.graph is not None else self._eager_step(lr, stop_requested)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self._pending.append((self.step, lr, self.tokens, rec))
+        # one process: a signal that came during the update counts for this step already
+        return not self.ddp and stop_requested()
+
+    def _micro_batch(self, micro: int):
+        """Micro-batch ``micro`` of this rank at the current step, on the device; seeds dropout too."""
+        cfg = self.cfg
+        seed = micro_seed(cfg.seed, self.step, self.dist.rank * cfg.grad_accum + micro)
+        torch.manual_seed(seed)  # dropout masks, too, are a function of (seed, step, m)
+        return self.data.get_batch("train", cfg.batch_size, self.T, torch.Generator().manual_seed(seed),
+                                   self.device)  # (B, T), (B, T)
+
+    def _graph_step(self, lr: float) -> torch.Tensor:
+        for micro in range(self.cfg.grad_accum):
+            self.graph.load(micro, *self._micro_batch(micro))
+        # one seed per step for the graph's dropout (its micro-batches draw successive philox offsets)
+        torch.manual_seed(micro_seed(self.cfg.seed, self.step, 0))
+        return self.graph.replay(lr)
+
+    def _eager_step(self, lr: float, stop_requested: Callable[[], bool]) -> torch.Tensor:
         cfg, accum = self.cfg, self.cfg.grad_accum
-        lr = lr_at(self.step, cfg, self.max_steps)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
-            seed = micro_seed(cfg.seed, self.step, self.dist.rank * accum + micro)
-            torch.manual_seed(seed)  # dropout masks, too, are a function of (seed, step, m)
-            x, y = self.data.get_batch("train", cfg.batch_size, self.T, torch.Generator().manual_seed(seed),
-                                       self.device)  # (B, T), (B, T)
+            x, y = self._micro_batch(micro)
             sync_later = self.ddp and micro < accum - 1
             with (self.ddp_module.no_sync() if sync_later else nullcontext()), self.autocast():
                 loss = self.train_module(x, y)
             loss_sum += loss.detach().float()
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        packed = torch.stack([loss_sum, torch.tensor(float(stop_requested()), device=self.device)])
+        stop = torch.zeros((), device=self.device)
         if self.ddp:
+            packed = torch.stack([loss_sum, torch.full((), float(stop_requested()), device=self.device)])
             dist.all_reduce(packed)
-        loss_total, stops, gnorm_v = torch.cat([packed, gnorm.reshape(1).float()]).tolist()
-        loss_v = loss_total / (accum * self.dist.world)
+            loss_sum, stop = packed[0], packed[1]
+        params = list(self.model.parameters())
         if self.scaler is not None:
-            # fp16: an overflowing gradient is routine; the scaler skips that update and lowers the scale
-            if math.isfinite(loss_v):
-                self.scaler.step(self.optimizer)
+            # fp16: an overflowing gradient is routine; the scaler skips that update and lowers the scale.
+            # A non-finite loss poisons the grads so that the scaler skips its update too.
+            grads = [p.grad for p in params if p.grad is not None]
+            torch._foreach_mul_(grads, torch.where(torch.isfinite(loss_sum), 1.0, float("nan")))
+            self.scaler.unscale_(self.optimizer)
+        gnorm, finite = clip_and_check(params, loss_sum, cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # fused AdamW: the scaler's skip is decided on the device
             self.scaler.update()
-            ok = math.isfinite(loss_v)
-        else:
-            ok = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-            if ok:
+            ok = torch.isfinite(loss_sum)
+        elif getattr(self.optimizer, "_step_supports_amp_scaling", False):  # CUDA: fused AdamW
+            skip_if(self.optimizer, (~finite).float())
+            ok = finite
+        else:  # CPU: reading the flag costs no device sync
+            ok = finite
+            if bool(finite):
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens += self.tokens_per_step
-        self.last_lr, self.last_ok = lr, ok
-        # one process: a signal that came during the update counts for this step already
-        return loss_v, gnorm_v, stops > 0 or (not self.ddp and stop_requested())
+        return torch.stack([loss_sum, gnorm, ok.float(), stop])
+
+    def _capture_graph(self) -> None:
+        """Capture the step (--cuda-graph): after the optimizer state is restored, before the first step.
+        With auto, a failed capture falls back to the eager step with a warning."""
+        cfg = self.cfg
+        gs = GraphedStep(self.train_module, list(self.model.parameters()), self.optimizer, accum=cfg.grad_accum,
+                         batch_size=cfg.batch_size, seq_len=self.T, device=self.device, autocast=self.autocast,
+                         grad_clip=cfg.grad_clip)
+        for micro in range(cfg.grad_accum):  # the warm-up runs on the first step's batch (its updates skipped)
+            gs.load(micro, *self._micro_batch(micro))
+        t0 = time.perf_counter()
+        try:
+            gs.capture()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - auto falls back, on reports it
+            what = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            if cfg.cuda_graph == "on":
+                raise TrainingError(f"--cuda-graph on: capturing the step failed ({what}); train with "
+                                    f"--cuda-graph off (or auto, which falls back to the eager step)") from e
+            self.optimizer.zero_grad(set_to_none=True)
+            self.log(f"warning: cuda graph: capturing the step failed ({what}); falling back to the eager step")
+            return
+        self.graph = gs
+        self.log(f"cuda graph: captured one optimizer step ({cfg.grad_accum} micro-batch"
+                 f"{'es' if cfg.grad_accum > 1 else ''}) in {time.perf_counter() - t0:.1f} s")
+
+    def _readback_interval(self) -> int:
+        """Steps between host reads of the queued records: log_interval on a GPU; every step on the CPU,
+        where reading costs no device sync."""
+        return 1 if self.device.type == "cpu" else self.cfg.log_interval
+
+    def _read_back(self) -> bool:
+        """Read the queued step records (one sync), write their metrics rows, count non-finite steps.
+        Returns whether any rank asked to stop during those steps."""
+        if not self._pending:
+            return False
+        pending, self._pending = self._pending, []
+        vals = torch.cat([rec.reshape(-1) for *_, rec in pending]).tolist()
+        now = time.perf_counter()
+        elapsed = now - self._mark
+        self._train_time.append((len(pending), elapsed))
+        dt = elapsed / len(pending)  # the steps ran back to back: each gets the mean
+        self._mark = now
+        div, i, stop = self.cfg.grad_accum * self.dist.world, 0, False
+        for step, lr, tokens, rec in pending:
+            row = vals[i:i + rec.numel()]
+            i += rec.numel()
+            stop = stop or (len(row) > 3 and row[3] > 0)
+            loss = row[0] / div
+            self._losses[step] = loss
+            self._after_step(step, loss, row[1], row[2] > 0.5, lr, tokens, dt)
+        return stop
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -888,7 +1000,7 @@ class Trainer:
         cfg_d = self.cfg.to_dict()
         name = name or f"ckpt-{self.step:07d}"
         state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": portable_state_dict(self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step, "tokens": self.tokens, "best_val": self.best_val,
             "rng": capture_rng(),
@@ -914,11 +1026,14 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg = self.cfg
-        losses, vals = {}, {}
+        vals = {}
+        self._losses, self._train_time = {}, []
         if self.step == 0 and self.eval_batches:
             val = vals[0] = self.last_val = self.evaluate()
             self._metric({"kind": "eval", "step": 0, "val_loss": val, "val_ppl": math.exp(min(val, 50))})
             self.log(f"step 0: val loss {val:.4f}")
+        if self.use_graph and self.graph is None and self.step < self.max_steps:
+            self._capture_graph()
         stopped_by = None
         saved_at = -1
         t_start = time.perf_counter()
@@ -928,24 +1043,29 @@ class Trainer:
 
                 self.bar = tqdm(total=self.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
             try:
+                self._mark = time.perf_counter()
+                every = self._readback_interval()
                 while self.step < self.max_steps:
-                    t0 = time.perf_counter()
-                    loss, gnorm, stop = self.train_step(lambda: stopper.signum is not None)
-                    dt = time.perf_counter() - t0
-                    losses[self.step] = loss
-                    self._after_step(loss, gnorm, dt)
-                    if self.eval_batches and cfg.eval_interval and self.step % cfg.eval_interval == 0 \
-                            and self.step < self.max_steps:
-                        vals[self.step] = self._eval_and_best()
-                    if cfg.sample_every and cfg.sample_tokens and self.step % cfg.sample_every == 0:
+                    stop = self.train_step(lambda: stopper.signum is not None)
+                    s = self.step
+                    evaluate = bool(self.eval_batches and cfg.eval_interval and s % cfg.eval_interval == 0
+                                    and s < self.max_steps)
+                    sample = bool(cfg.sample_every and cfg.sample_tokens and s % cfg.sample_every == 0)
+                    periodic = bool(cfg.ckpt_interval and s % cfg.ckpt_interval == 0)
+                    if stop or evaluate or sample or periodic or s % every == 0 or s == self.max_steps:
+                        stop = self._read_back() or stop  # rows, non-finite count and the ranks' stop flags
+                    if evaluate:
+                        vals[s] = self._eval_and_best()
+                    if sample:
                         self._sample()
-                    periodic = cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0
-                    if stop or (periodic and self.bad_run == 0 and self.step < self.max_steps):
+                    if stop or (periodic and self.bad_run == 0 and s < self.max_steps):
                         self.save()
-                        saved_at = self.step
+                        saved_at = s
                     if stop:
                         stopped_by = stopper.signum or signal.SIGTERM  # a peer rank got the signal
                         break
+                    if not self._pending:  # evaluations, samples and checkpoints are not train time
+                        self._mark = time.perf_counter()
             finally:
                 if self.bar is not None:
                     self.bar.close()
@@ -957,12 +1077,14 @@ class Trainer:
                     self.save()
         elapsed = time.perf_counter() - t_start
         if self.dist.main:
-            self._summary(losses, vals, elapsed, stopped_by)
+            self._summary(self._losses, vals, elapsed, stopped_by)
         self.dist.barrier()
-        return TrainResult(self.out_dir, self.step, self.tokens, losses, vals, self.best_val, self.last_ckpt,
+        return TrainResult(self.out_dir, self.step, self.tokens, self._losses, vals, self.best_val, self.last_ckpt,
                            stopped_by)
 
-    def _after_step(self, loss: float, gnorm: float, dt: float) -> None:
+    def _after_step(self, step: int, loss: float, gnorm: float, ok: bool, lr: float, tokens: int,
+                    dt: float) -> None:
+        """The metrics row, non-finite count and log line of one step, read back from the device."""
         cfg = self.cfg
         tok_s = self.tokens_per_step / dt
         mfu = (self.flops_per_token * tok_s / self.dist.world / self.peak) if self.peak else None
@@ -970,18 +1092,18 @@ class Trainer:
             mem = torch.cuda.max_memory_allocated(self.device) / 2**30
         else:
             mem = _peak_rss_gib()
-        self._metric({"kind": "train", "step": self.step, "loss": _json_num(loss), "lr": self.last_lr,
-                      "grad_norm": _json_num(gnorm), "tokens": self.tokens, "tokens_per_s": tok_s,
-                      "mfu": mfu, "mem_gib": mem, "skipped": not self.last_ok, "step_s": dt})
-        if not self.last_ok:
+        self._metric({"kind": "train", "step": step, "loss": _json_num(loss), "lr": lr,
+                      "grad_norm": _json_num(gnorm), "tokens": tokens, "tokens_per_s": tok_s,
+                      "mfu": mfu, "mem_gib": mem, "skipped": not ok, "step_s": dt})
+        if not ok:
             self.bad_run += 1
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            self.log(f"warning: step {self.step}: non-finite {what} (loss {loss}, grad norm {gnorm}); skipped the "
+            self.log(f"warning: step {step}: non-finite {what} (loss {loss}, grad norm {gnorm}); skipped the "
                      f"update ({self.bad_run}/{cfg.max_bad_steps} in a row)")
             if self.bad_run >= cfg.max_bad_steps:
                 last = self.last_ckpt or "none (no checkpoint was saved)"
                 raise TrainingError(
-                    f"{self.bad_run} steps in a row had a non-finite loss or gradient; stopped at step {self.step}. "
+                    f"{self.bad_run} steps in a row had a non-finite loss or gradient; stopped at step {step}. "
                     f"Last good checkpoint: {last}. Try a lower --lr (now {cfg.lr}), --grad-clip 1.0, a longer "
                     f"--warmup-steps, or --dtype bf16/fp32 instead of fp16"
                 )
@@ -991,10 +1113,10 @@ class Trainer:
         mem_s = f"{mem:.2f} GiB" if mem is not None else "-"
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {self.last_lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_s} "
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_s} "
                                      f"mem {mem_s}", refresh=False)
-        elif self.step % cfg.log_interval == 0 or self.step == self.max_steps:
-            self.log(f"step {self.step}/{self.max_steps} | loss {loss:.4f} | lr {self.last_lr:.2e} | "
+        elif step % cfg.log_interval == 0 or step == self.max_steps:
+            self.log(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                      f"grad norm {gnorm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu_s} | mem {mem_s}")
 
     def _eval_and_best(self) -> float:
@@ -1021,6 +1143,19 @@ class Trainer:
                 f"lower --batch-size and raise --grad-accum by the same factor (same global batch), add "
                 f"--grad-checkpointing, use --dtype bf16, or shorten --context-length")
 
+    def _throughput(self) -> str:
+        """Train tokens/s over the steps alone (evaluations, samples, checkpoints and the capture excluded),
+        and without the first read-back interval (Triton JIT, autotuning, torch.compile warm-up)."""
+        def rate(parts):
+            n, sec = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            return n * self.tokens_per_step / sec if sec > 0 else float("nan")
+
+        parts = self._train_time
+        msg = f"throughput: {rate(parts):,.0f} tokens/s over the train steps (evaluations and checkpoints excluded)"
+        if len(parts) > 1:
+            msg += f"; {rate(parts[1:]):,.0f} tokens/s after the first {parts[0][0]} step(s)"
+        return msg
+
     def _summary(self, losses, vals, elapsed, stopped_by) -> None:
         cfg = self.cfg
         good = [v for v in losses.values() if math.isfinite(v)]
@@ -1034,6 +1169,7 @@ class Trainer:
                 msg += f" (best {self.best_val:.4f})"
             print(f"{'stopped' if stopped_by else 'done'}: {len(losses)} steps, "
                   f"{len(losses) * self.tokens_per_step:,} tokens in {elapsed:.1f} s; {msg}", flush=True)
+            print(self._throughput(), flush=True)
         if stopped_by is None:
             if cfg.sample_tokens:
                 self._sample()
