@@ -56,6 +56,12 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def small():
+    """The same model with a 512-token vocabulary: engine tests that need no text run faster."""
+    return _model(vocab=512)
+
+
+@pytest.fixture(scope="module")
 def enc():
     return get_encoding("gpt2")
 
@@ -71,41 +77,41 @@ def _assert_no_leak(engine):
 
 
 # ---- engine ------------------------------------------------------------------------------------
-def test_engine_matches_offline_generate_per_prompt(model):
-    prompts = _prompts(10, seed=1)
+def test_engine_matches_offline_generate_per_prompt(small):
+    prompts = _prompts(10, seed=1, vocab=512)
     # small batch and chunk: requests queue, join mid-run, prompts span several prefill chunks
-    eng = Engine(model, block_size=8, max_batch=4, prefill_chunk=24, eos_token_id=None)
+    eng = Engine(small, block_size=8, max_batch=4, prefill_chunk=24, eos_token_id=None)
     outs = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
     for p, o in zip(prompts, outs):
-        assert o[0]["tokens"] == generate(model, [p], 12, temperature=0)[0]
+        assert o[0]["tokens"] == generate(small, [p], 12, temperature=0)[0]
         assert o[0]["finish_reason"] == "length"
     assert eng.steps > 12  # really interleaved, not one static batch
     _assert_no_leak(eng)
 
 
-def test_engine_seeded_sampling_matches_offline(model):
-    p = _prompts(1, seed=2)[0]
-    eng = Engine(model, max_batch=4, eos_token_id=None)
+def test_engine_seeded_sampling_matches_offline(small):
+    p = _prompts(1, seed=2, vocab=512)[0]
+    eng = Engine(small, max_batch=4, eos_token_id=None)
     for kw in (dict(temperature=0.8, top_k=40), dict(temperature=1.2, top_p=0.9)):
         got = eng.generate([p], SamplingParams(max_tokens=8, seed=7, **kw))[0][0]["tokens"]
-        assert got == generate(model, [p], 8, seed=7, **kw)[0]
+        assert got == generate(small, [p], 8, seed=7, **kw)[0]
     # same seed beside other traffic: same tokens
-    other = _prompts(3, seed=3)
+    other = _prompts(3, seed=3, vocab=512)
     outs = eng.generate([p] + other, SamplingParams(max_tokens=8, seed=7, temperature=0.8, top_k=40))
-    assert outs[0][0]["tokens"] == generate(model, [p], 8, seed=7, temperature=0.8, top_k=40)[0]
+    assert outs[0][0]["tokens"] == generate(small, [p], 8, seed=7, temperature=0.8, top_k=40)[0]
     _assert_no_leak(eng)
 
 
-def test_engine_n_choices_logprobs_penalties(model):
-    p = _prompts(1, seed=4)[0]
-    eng = Engine(model, max_batch=8, eos_token_id=None)
+def test_engine_n_choices_logprobs_penalties(small):
+    p = _prompts(1, seed=4, vocab=512)[0]
+    eng = Engine(small, max_batch=8, eos_token_id=None)
     out = eng.generate([p], SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=3, logprobs=2))[0]
     assert len(out) == 3 and all(len(c["tokens"]) == 6 for c in out)
     assert len({tuple(c["tokens"]) for c in out}) > 1
     lp = out[0]["logprobs"][0]
     assert lp.token == out[0]["tokens"][0] and len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1]
     # logprobs equal the model's log-softmax at that position
-    full = torch.log_softmax(model(torch.tensor([p]))[0, -1].float(), -1)
+    full = torch.log_softmax(small(torch.tensor([p]))[0, -1].float(), -1)
     assert abs(full[lp.token].item() - lp.logprob) < 1e-4
     assert lp.top[0][0] == int(full.argmax())
     # a big frequency penalty forbids repeating a token
@@ -130,8 +136,8 @@ def test_engine_stops(model, enc):
     _assert_no_leak(eng)
 
 
-def test_engine_bad_params_and_full_queue(model):
-    eng = Engine(model, max_batch=2, max_queue=3, num_blocks=40, block_size=8)
+def test_engine_bad_params_and_full_queue(small):
+    eng = Engine(small, max_batch=2, max_queue=3, num_blocks=40, block_size=8)
     bad = [({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 10 ** 9}, "max_tokens"),
            ({"temperature": -0.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": 0}, "top_k"),
            ({"n": 0}, "n"), ({"logprobs": 50}, "logprobs"), ({"presence_penalty": 3}, "presence_penalty"),
@@ -157,11 +163,11 @@ def test_engine_bad_params_and_full_queue(model):
     _assert_no_leak(eng)
 
 
-def test_engine_cancel_and_failure_free_blocks(model, monkeypatch):
-    eng = Engine(model, max_batch=4, block_size=8, prefill_chunk=16, eos_token_id=None)
+def test_engine_cancel_and_failure_free_blocks(small, monkeypatch):
+    eng = Engine(small, max_batch=4, block_size=8, prefill_chunk=16, eos_token_id=None)
     events = {}
     ids = [eng.submit(p, SamplingParams(max_tokens=40, temperature=0), lambda ev: events.setdefault(ev.request_id, []).append(ev))
-           for p in _prompts(6, seed=6, lo=20, hi=60)]
+           for p in _prompts(6, seed=6, lo=20, hi=60, vocab=512)]
     for _ in range(5):
         eng.step()
     assert eng.free_blocks() < eng.num_blocks
@@ -172,7 +178,7 @@ def test_engine_cancel_and_failure_free_blocks(model, monkeypatch):
         assert events[rid][-1].done and any(e.finish_reason == "cancelled" for e in events[rid])
     # a step that raises fails the requests in it (an error event), frees their blocks, engine goes on
     calls = {"n": 0}
-    real = model.forward
+    real = small.forward
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -180,7 +186,7 @@ def test_engine_cancel_and_failure_free_blocks(model, monkeypatch):
             raise RuntimeError("injected fault")
         return real(*a, **k)
 
-    monkeypatch.setattr(model, "forward", flaky)
+    monkeypatch.setattr(small, "forward", flaky)
     while eng.has_work():
         eng.step()
     monkeypatch.undo()
