@@ -52,7 +52,7 @@ def test_width_one_is_greedy(seed):
     assert toks == generate(m, [prompt], 10, temperature=0)[0]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_exhaustive_width_finds_brute_force_best(seed):
     V, N = 5, 3
     m = _model(vocab=V, seed=seed)
