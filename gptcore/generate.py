@@ -12,6 +12,7 @@ Both return the new tokens of each prompt (list of lists, a stop token included 
 CLI (``python -m gptcore.generate --help`` explains every flag):
     python -m gptcore.generate --preset tiny --prompt "Hello" --max-new-tokens 20
     python -m gptcore.generate --ckpt out/ckpt.pt --prompt "Once upon a time" --stream --top-k 50
+    python -m gptcore.generate --preset tiny --prompt-ids 1,2,3 --num-beams 4 --max-new-tokens 8
 
 How a call runs:
   prefill  prompts are right-padded to the longest and run through the model once, writing every
@@ -488,6 +489,72 @@ class Generator:
             step()
         return graph
 
+    # ---- beam search -------------------------------------------------------------------------
+    @torch.no_grad()
+    def beam_search(self, prompt: Sequence[int], max_new_tokens: int, num_beams: int,
+                    stop_tokens: Optional[Sequence[int]] = None) -> tuple[list[int], float]:
+        """The new tokens of the best beam for one prompt, and its total log-probability.
+
+        Keeps the num_beams highest-scoring continuations (sum of token log-probabilities) at each
+        step; each step's survivors are gathered in the cache with its reorder op (a beam kept
+        twice gets its own copy of the keys/values). A beam that emits a stop token is finished
+        (the stop token counts and is included); the result is the best finished or full-length
+        beam. num_beams=1 is greedy decoding.
+        """
+        model, cfg = self.model, self.model.config
+        prompt = [int(t) for t in prompt]
+        if not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive integer, got {num_beams!r}")
+        _check_sampling(0.0, None, None, max_new_tokens)
+        if not prompt or any(not 0 <= t < cfg.vocab_size for t in prompt):
+            raise ValueError(f"beam_search: the prompt must be non-empty token ids in [0, {cfg.vocab_size})")
+        if len(prompt) + max_new_tokens > cfg.context_length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                             f"model's context_length {cfg.context_length}")
+        if max_new_tokens == 0:
+            return [], 0.0
+        device = self._device()
+        stops = set(int(t) for t in stop_tokens or ())
+        cap = min(cfg.context_length, -(-(len(prompt) + max_new_tokens) // 64) * 64)
+        cache = KVCache.for_model(model, batch_size=num_beams, max_seq_len=cap)
+        cache.reset(batch_size=1)
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(torch.tensor([prompt], device=device), kv_cache=cache)[:, -1]   # (1, V)
+            scores = torch.zeros(1, device=device, dtype=torch.float32)                   # (beams,)
+            seqs: list[list[int]] = [[]]
+            finished: list[tuple[float, list[int]]] = []
+            for step in range(max_new_tokens):
+                lp = torch.log_softmax(logits.float(), dim=-1) + scores[:, None]         # (beams, V)
+                V = lp.shape[-1]
+                top_v, top_i = lp.view(-1).topk(min(num_beams + len(stops), lp.numel()))
+                beams, toks, new_scores = [], [], []
+                for v, i in zip(top_v.tolist(), top_i.tolist()):
+                    b, t = divmod(i, V)
+                    if t in stops:
+                        finished.append((v, seqs[b] + [t]))
+                        continue
+                    if len(beams) < num_beams:
+                        beams.append(b)
+                        toks.append(t)
+                        new_scores.append(v)
+                best_done = max((f[0] for f in finished), default=float("-inf"))
+                if not beams or (new_scores and best_done >= new_scores[0]):
+                    break   # log-probabilities only fall: no running beam can beat a finished one
+                seqs = [seqs[b] + [t] for b, t in zip(beams, toks)]
+                scores = torch.tensor(new_scores, device=device, dtype=torch.float32)
+                if step == max_new_tokens - 1:
+                    break
+                cache.reorder(beams)
+                logits = model(torch.tensor(toks, device=device)[:, None], kv_cache=cache)[:, -1]
+            if len(seqs[0]) == max_new_tokens:   # beams that ran the whole way are hypotheses too
+                finished += [(v, q) for v, q in zip(scores.tolist(), seqs)]
+        finally:
+            model.train(was_training)
+        best = max(finished, key=lambda f: f[0])
+        return best[1], best[0]
+
     # ---- uncached path (reference) -----------------------------------------------------------
     def _run_uncached(self, req: _Request):
         """The reference: every step runs the whole right-padded sequence; returns (tokens, prefill end)."""
@@ -606,6 +673,9 @@ def _parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="completions per prompt, all in one batch (default 1)")
     p.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                    help="end a sequence once it emits this token id, e.g. 50256 = <|endoftext|> (repeatable)")
+    p.add_argument("--num-beams", type=int, default=1,
+                   help="beam search with this many beams (1 = off): prints each prompt's best beam and its "
+                        "log-probability; sampling flags do not apply, --stop-token ends a beam")
     p.add_argument("--stream", action="store_true",
                    help="print tokens as they are generated (one sequence: one prompt, --num-samples 1)")
     p.add_argument("--no-cache", action="store_true",
@@ -623,6 +693,10 @@ def _parse_args(argv=None):
         p.error("give at least one prompt: --prompt TEXT, --prompt-file PATH or --prompt-ids IDS")
     if args.num_samples < 1:
         p.error("--num-samples must be >= 1")
+    if args.num_beams < 1:
+        p.error("--num-beams must be >= 1")
+    if args.num_beams > 1 and (args.stream or args.no_cache or args.num_samples > 1):
+        p.error("--num-beams runs one cached beam search per prompt: leave out --stream, --no-cache, --num-samples")
     return args
 
 
@@ -665,6 +739,15 @@ def main(argv=None) -> int:
         print(show(batch[0]), end="", flush=True)
     stream = _print_stream(enc) if args.stream else None
     gen = Generator(model, paged=args.paged, block_size=args.block_size, cuda_graph=not args.no_cuda_graph)
+    if args.num_beams > 1:
+        for i, p in enumerate(batch):
+            try:
+                toks, score = gen.beam_search(p, args.max_new_tokens, args.num_beams, stop_tokens=args.stop_token)
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
+            print(f"--- prompt {i}: best of {args.num_beams} beams, log-probability {score:.3f}")
+            print(show(p) + show(toks) if enc is not None else f"{show(p)} | {show(toks)}")
+        return 0
     try:
         new = gen.generate(batch, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, stop_tokens=args.stop_token, seed=args.seed,
