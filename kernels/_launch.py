@@ -231,36 +231,37 @@ def _raw_stream(dev: int) -> int:
 
 # ---- TMA descriptors -----------------------------------------------------------------------------
 _DESC_CAP = 4096
-_DESCS: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+_ENCODINGS: "collections.OrderedDict[tuple, list]" = collections.OrderedDict()
+_DESCS = _ENCODINGS  # cleared by clear()
 
 
 def tma_descriptor(t: torch.Tensor, block_shape: list[int]):
-    """A TensorDescriptor over all of t with this block, cached by (address, shape, strides, block,
-    dtype, device); the plan layer caches its CUtensorMap encoding on it (``_encoded``)."""
-    key = (t.data_ptr(), tuple(t.shape), t.stride(), tuple(block_shape), t.dtype, t.device.index)
-    d = _DESCS.get(key)
-    if d is not None:
-        _DESCS.move_to_end(key)
-        return d
+    """A TensorDescriptor over all of t with this block. The plan layer caches its CUtensorMap
+    encoding by (address, shape, strides, block, dtype, device) -- a pure function of those -- so a
+    tensor allocated at the same address with the same layout (every training step's activations)
+    is not encoded again. The cache holds the encodings only, never the tensors."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     d = TensorDescriptor(t, list(t.shape), list(t.stride()), list(block_shape))
+    layout = (t.data_ptr(), tuple(t.shape), t.stride(), tuple(block_shape), t.dtype, t.device.index)
     # what Triton's specialization can see of a descriptor, conservatively (finer is safe)
-    d._plan_key = ("desc", t.dtype, key[3], d.padding, t.data_ptr() & 15 == 0,
-                   tuple(s & 15 == 0 for s in key[1]), tuple(s & 15 == 0 for s in key[2]))
-    d._enc = {}
-    _DESCS[key] = d
-    if len(_DESCS) > _DESC_CAP:
-        _DESCS.popitem(last=False)
+    d._plan_key = ("desc", t.dtype, layout[3], d.padding, layout[0] & 15 == 0,
+                   tuple(s & 15 == 0 for s in layout[1]), tuple(s & 15 == 0 for s in layout[2]))
+    d._layout = layout
     return d
 
 
 def _encoded(d, meta) -> list:
-    """The launcher's arguments for descriptor d under one kernel's descriptor metadata, encoded
-    once (a CUtensorMap and the shape and strides) and reused."""
-    got = d._enc.get(id(meta))
+    """The launcher's arguments for descriptor d under one kernel's descriptor metadata (a
+    CUtensorMap and the shape and strides), encoded once per layout and reused."""
+    key = (d._layout, id(meta))
+    got = _ENCODINGS.get(key)
     if got is None:
         from triton.backends.nvidia.driver import make_tensordesc_arg
 
-        got = d._enc[id(meta)] = (make_tensordesc_arg(d, meta), meta)  # meta kept alive: id stays unique
+        got = _ENCODINGS[key] = (make_tensordesc_arg(d, meta), meta)  # meta kept alive: its id stays unique
+        if len(_ENCODINGS) > _DESC_CAP:
+            _ENCODINGS.popitem(last=False)
+    else:
+        _ENCODINGS.move_to_end(key)
     return got[0]

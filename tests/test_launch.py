@@ -119,14 +119,20 @@ def test_kernels_reject_constexpr_before_runtime_params():
         _launch.planned(fake)
 
 
-def test_descriptor_cache_key_is_its_layout():
+def test_descriptor_plan_key_and_layout_follow_the_tensor():
     pytest.importorskip("triton.tools.tensor_descriptor")
+    import weakref
+
     t = torch.randn(2, 3, 64, 16)
-    a = _launch.tma_descriptor(t, [1, 1, 16, 16])
-    assert _launch.tma_descriptor(t, [1, 1, 16, 16]) is a
-    assert _launch.tma_descriptor(t, [1, 1, 32, 16]) is not a
-    assert _launch.tma_descriptor(t.clone(), [1, 1, 16, 16]) is not a  # another address
-    assert _launch.tma_descriptor(t.transpose(1, 2).contiguous().transpose(1, 2), [1, 1, 16, 16]) is not a
+    a, b = _launch.tma_descriptor(t, [1, 1, 16, 16]), _launch.tma_descriptor(t, [1, 1, 16, 16])
+    assert a._layout == b._layout and a._plan_key == b._plan_key
+    assert _launch.tma_descriptor(t, [1, 1, 32, 16])._layout != a._layout
+    assert _launch.tma_descriptor(t.clone(), [1, 1, 16, 16])._layout != a._layout  # another address
+    assert _launch.tma_descriptor(t[:, :, 1:], [1, 1, 16, 16])._plan_key != a._plan_key  # shape % 16 differs
+    # nothing in the module keeps the tensor alive (a cache of descriptors once held every activation)
+    ref = weakref.ref(t)
+    del a, b, t
+    assert ref() is None
 
 
 @pytest.mark.gpu
