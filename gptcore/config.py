@@ -32,10 +32,10 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for f in fields(self):  # types first: a string "true" is not a bool, "1e-3" not a number
             v, want = getattr(self, f.name), _TYPES[f.name]
+            if want is int:
+                continue  # the sizes: checked below, with their range
             if want is bool:
                 ok = isinstance(v, bool)
-            elif want is int:
-                ok = isinstance(v, int) and not isinstance(v, bool)
             elif want is float:
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool)
                 if ok and not math.isfinite(v):

@@ -67,9 +67,11 @@ def _describe(owner: dict) -> str:
             + (f" ({owner['command']})" if owner.get("command") else ""))
 
 
-def check_writable_dir(path: Path, what: str, fix: str) -> None:
-    """Create ``path`` (parents too) or raise RunDirError naming the problem and ``fix``."""
+def check_writable_dir(path: Path, what: str, fix: str) -> list[Path]:
+    """Create ``path`` (parents too) or raise RunDirError naming the problem and ``fix``; returns
+    the directories it created, deepest first."""
     p = Path(path)
+    created = [d for d in [p, *p.parents] if not d.exists()]
     for parent in [p, *p.parents]:
         if parent.exists():
             if not parent.is_dir():
@@ -81,6 +83,7 @@ def check_writable_dir(path: Path, what: str, fix: str) -> None:
         raise RunDirError(f"{what} {p} cannot be created ({e.strerror or e}); {fix}") from None
     if not os.access(p, os.W_OK | os.X_OK):
         raise RunDirError(f"{what} {p} is not writable by this user; {fix}")
+    return created
 
 
 class RunLock:
@@ -92,9 +95,10 @@ class RunLock:
         self.command = command if command is not None else " ".join(sys.argv)
         self.fd: Optional[int] = None
         self.note: Optional[str] = None  # set when a stale lock was taken over
+        self.created: list[Path] = []     # directories made for the lock: removed again if left empty
 
     def acquire(self) -> "RunLock":
-        check_writable_dir(self.dir, "out dir", "give another --out-dir")
+        self.created = check_writable_dir(self.dir, "out dir", "give another --out-dir")
         host = socket.gethostname()
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -130,6 +134,7 @@ class RunLock:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
+            self._remove_created()
             raise
         self.fd = fd
         return self
@@ -143,6 +148,15 @@ class RunLock:
         finally:
             os.close(self.fd)  # closing drops the flock
             self.fd = None
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        """A run that failed before writing anything leaves no empty out dir behind."""
+        for d in self.created:
+            try:
+                d.rmdir()  # only if empty
+            except OSError:
+                break
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -616,8 +616,8 @@ def _check_numbers(cfg: "TrainConfig") -> None:
                 check_finite(f.name, v)
             elif isinstance(v, int) and not isinstance(v, bool) and f.name in _INT_LIMITS:
                 check_int_range(f.name, v, *_INT_LIMITS[f.name])
-        for i, b in enumerate(cfg.betas):
-            check_finite(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True)
+        for b in cfg.betas:
+            check_finite("betas", b)
         for k, v in cfg.model.items():
             if isinstance(v, float):
                 check_finite(k, v)
