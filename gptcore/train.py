@@ -94,6 +94,8 @@ class TrainConfig:
     preset: str = _opt("tiny", "model preset", "model", choices=sorted(PRESETS))
     init_from: str = _opt("scratch", "'scratch', a gptcore checkpoint (dir or run dir), or a GPT-2 "
                           "name / Hugging Face folder (gpt2, gpt2-medium, ...)", "model")
+    trust_pickle: bool = _opt(False, "let --init-from unpickle .pt/.pth/.bin files that a weights-only load "
+                              "refuses; this can run code stored in the file: only for files you trust", "model")
     backend: Optional[str] = _opt(None, "kernel backend", "model", choices=list(BACKENDS),
                                   shown="triton on a GPU, else torch")
     grad_checkpointing: bool = _opt(False, "recompute each block in backward (less memory, ~1/3 more compute)",
@@ -816,7 +818,7 @@ class Trainer:
                 f"--init-from {name}: not a gptcore checkpoint, and loading GPT-2 / Hugging Face weights needs "
                 f"gptcore.hf, which could not be imported ({e})"
             ) from None
-        model = load_pretrained(name)
+        model = load_pretrained(name, trust_pickle=self.cfg.trust_pickle)
         if not isinstance(model, GPT):
             raise TypeError(f"gptcore.hf.load_pretrained({name!r}) returned {type(model).__name__}, not a GPT")
         return model.set_backend(self.backend)
