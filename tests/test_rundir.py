@@ -83,18 +83,19 @@ def test_resume_auto_after_a_kill_between_eval_and_checkpoint_keeps_everything(t
     metrics_before = (out / "metrics.jsonl").read_bytes()
     best = json.loads((out / "best" / "meta.json").read_text())
 
-    # a plain rerun is refused and changes nothing
+    # a plain rerun is refused and changes nothing but the dead run's lock, which it takes over
     before = snapshot(out)
+    before.pop(".gptcore.lock")
     r = subprocess.run([sys.executable, "-m", "gptcore.train", *args, "--max-steps", "3"], capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and "--resume auto" in r.stderr and "--overwrite" in r.stderr, r.stderr
+    assert "took over the stale lock" in r.stdout and f"pid {a.proc.pid}" in r.stdout, r.stdout
     assert "Traceback" not in r.stderr and snapshot(out) == before
 
     b = Run(tmp_path, args + ["--max-steps", str(best["step"] + 2), "--resume", "auto"], "b")
     assert b.finish() == 0, b.err.read_text()[-3000:]
     text = b.out.read_text()
     assert f"resumed from {out / 'best'} (step {best['step']})" in text
-    assert "took over the stale lock" in text and str(a.proc.pid) in text
     after = (out / "metrics.jsonl").read_bytes()
     assert after.startswith(metrics_before)  # nothing of the killed run's history was truncated
     history = rundir.read_metrics(out / "metrics.jsonl")
@@ -140,19 +141,30 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
 
 
 # ---- a signal during a long evaluation --------------------------------------------------------------
-def test_sigterm_during_a_long_evaluation_saves_and_resumes(tmp_path):
+def test_sigterm_during_a_long_evaluation_saves_and_resumes(tmp_path, monkeypatch, capsys):
+    """The signal is sent by the process to itself at the 10th batch of the evaluation after step 2
+    (deterministic: no race with a timer); the run stops after that batch, saves step 2, exits 143."""
+    from gptcore.model import GPT
+
+    orig, calls = GPT.loss, {"eval": 0}
+
+    def loss(self, idx, targets, ignore_index=-100):
+        if not self.training:
+            calls["eval"] += 1
+            if calls["eval"] == 60 + 10:  # 60 batches at step 0, then 10 into the one at step 2
+                os.kill(os.getpid(), signal.SIGTERM)
+        return orig(self, idx, targets, ignore_index)
+
+    monkeypatch.setattr(GPT, "loss", loss)
     out = tmp_path / "out"
-    args = MICRO + ["--eval-steps", "4000", "--eval-interval", "2", "--ckpt-interval", "0", "--out-dir", str(out)]
-    a = Run(tmp_path, args + ["--max-steps", "6"], "a")
-    a.wait_for(lambda: a.out.read_text().count("evaluating 4000 batches") >= 2, "the evaluation after step 2")
-    a.proc.send_signal(signal.SIGTERM)
-    assert a.finish() == 128 + signal.SIGTERM, a.err.read_text()[-3000:]
-    text = a.out.read_text()
-    assert "SIGTERM during the evaluation at step 2" in text and "resume with:" in text
-    assert (out / "latest").read_text().strip() == "ckpt-0000002"
-    assert "Traceback" not in a.err.read_text()
-    b = Run(tmp_path, args + ["--max-steps", "3", "--resume", "auto"], "b")
-    assert b.finish() == 0, b.err.read_text()[-3000:]
+    args = MICRO + ["--eval-steps", "60", "--eval-interval", "2", "--ckpt-interval", "0", "--out-dir", str(out)]
+    assert T.main(args + ["--max-steps", "6"]) == 128 + signal.SIGTERM
+    text = capsys.readouterr().out
+    assert "evaluating 60 batches" in text and "SIGTERM during the evaluation at step 2" in text
+    assert "resume with:" in text and calls["eval"] <= 60 + 11  # stopped within a batch
+    assert (out / "latest").read_text().strip() == "ckpt-0000002" and not (out / ".gptcore.lock").exists()
+    monkeypatch.setattr(GPT, "loss", orig)
+    assert T.main(args + ["--max-steps", "3", "--resume", "auto"]) == 0
     assert [r["step"] for r in train_rows(out)] == [1, 2, 3]
 
 
