@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="corpus whose split to score: a file, folder, glob or 'default' (default: the "
                           "checkpoint's training data)")
     src.add_argument("--file", default=None, help="score this whole text file with sliding windows instead")
-    ap.add_argument("--split", default="val", choices=["val", "train"], help="split of --data (default: val)")
+    ap.add_argument("--split", default=None, choices=["val", "train"], help="split of --data (default: val)")
     ap.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
     ap.add_argument("--stride", type=int, default=None,
                     help="window step for --file (default: the context length; the val split always uses it)")
@@ -138,6 +138,12 @@ def main(argv=None) -> int:
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     check_int_range("--batch-size", args.batch_size, 1, 1 << 20)
+    if args.file is not None and args.split is not None:
+        raise UsageError("--split chooses a split of --data; --file scores the whole file: give one of them")
+    if args.file is None and args.stride is not None:
+        raise UsageError("--stride applies to --file (the val/train split is scored in whole windows): drop it "
+                         "or score a file with --file")
+    args.split = args.split or "val"
     if args.max_tokens is not None:
         check_int_range("--max-tokens", args.max_tokens, 2)
     for flag, v in (("--context-length", args.context_length), ("--stride", args.stride)):

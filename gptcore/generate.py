@@ -639,11 +639,15 @@ def _parse_args(argv=None):
 
 def _check_args(args) -> None:
     """Every numeric flag in range before anything is loaded (UsageError names the flag)."""
-    from gptcore.cli import MAX_SEED, check_finite, check_int_range
+    from gptcore.cli import MAX_SEED, UsageError, check_finite, check_int_range
 
     check_int_range("--max-new-tokens", args.max_new_tokens, 1, 1 << 24)
     check_int_range("--num-samples", args.num_samples, 1, 1 << 16)
     check_int_range("--block-size", args.block_size, 1, 1 << 16)
+    if args.block_size != 16 and not args.paged:
+        raise UsageError("--block-size sets the paged cache's block: add --paged, or drop --block-size")
+    if args.paged and args.no_cache:
+        raise UsageError("--paged chooses the KV cache's layout and --no-cache runs without one: give one of them")
     check_finite("--temperature", args.temperature, low=0.0, high=1e4)
     if args.top_k is not None:
         check_int_range("--top-k", args.top_k, 1)

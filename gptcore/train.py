@@ -164,6 +164,9 @@ class TrainConfig:
                   "weight_decay", "grad_clip", "sample_temperature"]:
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode {self.compile_mode!r} applies under --compile: add --compile, or drop "
+                              f"--compile-mode")
         lengths = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(self, k) is not None]
         if len(lengths) > 1:
             raise ConfigError(f"give only one of max_steps, max_tokens, epochs (got {', '.join(lengths)})")

@@ -112,6 +112,8 @@ CASES = [
     ("train", "data-not-utf8", MICRO + ["--data", "{root}/latin1.txt", "--out-dir", "{root}/new"], "not valid UTF-8"),
     ("train", "backend-triton", MICRO + ["--backend", "triton", "--out-dir", "{root}/new"], "triton cannot run here"),
     ("train", "device-cuda", MICRO[:-2] + ["--device", "cuda", "--out-dir", "{root}/new"], "no CUDA GPU"),
+    ("train", "compile-mode-without-compile", ["--compile-mode", "reduce-overhead", "--out-dir", "{root}/new"],
+     "add --compile"),
     ("train", "bad-choice", ["--dtype", "fp8", "--out-dir", "{root}/new"], "invalid choice"),
     ("eval", "ckpt-missing", ["--ckpt", "{root}/nope", "--device", "cpu"], "does not exist"),
     ("eval", "ckpt-junk", ["--ckpt", "{root}/junk-ckpt", "--device", "cpu"], "not valid JSON"),
@@ -124,11 +126,15 @@ CASES = [
      "--batch-size must be"),
     ("eval", "context-too-long", ["--ckpt", "{run}", "--context-length", "4096", "--device", "cpu"],
      "exceeds the model's 16"),
-    ("eval", "stride-0", ["--ckpt", "{run}", "--stride", "0", "--device", "cpu"], "--stride must be"),
+    ("eval", "stride-0", ["--ckpt", "{run}", "--file", "{root}/text.txt", "--stride", "0", "--device", "cpu"],
+     "--stride must be"),
     ("eval", "file-not-utf8", ["--ckpt", "{run}", "--file", "{root}/latin1.txt", "--device", "cpu"], "UTF-8"),
     ("eval", "fp16-on-cpu", ["--ckpt", "{run}", "--dtype", "fp16", "--device", "cpu"], "fp16 needs a CUDA GPU"),
     ("eval", "backend-triton", ["--ckpt", "{run}", "--backend", "triton", "--device", "cpu"], "cannot run here"),
     ("eval", "device-cuda", ["--ckpt", "{run}", "--device", "cuda:7"], "cuda:7"),
+    ("eval", "stride-without-file", ["--ckpt", "{run}", "--stride", "4", "--device", "cpu"], "--stride applies"),
+    ("generate", "block-size-without-paged", ["--preset", "tiny", "--prompt-ids", "1", "--block-size", "8"],
+     "add --paged"),
     ("generate", "max-new-tokens-0", ["--ckpt", "{run}", "--prompt-ids", "1", "--max-new-tokens", "0"],
      "--max-new-tokens must be"),
     ("generate", "temperature-inf", ["--preset", "tiny", "--prompt-ids", "1", "--temperature", "inf"],
@@ -206,3 +212,26 @@ def test_cli_subprocess(env, module, args, needle):
     if module == "gptcore.inspect":
         r = _python_m(module, *args, "--debug")
         assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_inspect_fails_when_a_checkpoint_config_does_not_match_its_weights(env, tmp_path, capsys):
+    src = env["run"] / "ckpt-0000002"
+    bad = tmp_path / "ckpt-0000002"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((bad / "meta.json").read_text())
+    meta["model_config"]["n_layers"] = 3  # a valid config, but not the one of these weights
+    (bad / "meta.json").write_text(json.dumps(meta))
+    assert I.main([str(src)]) == 0
+    capsys.readouterr()
+    assert I.main([str(bad)]) == 1
+    assert "CONFIG DOES NOT MATCH THE WEIGHTS" in capsys.readouterr().out
+    assert I.main([str(bad), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["consistent"] is False and "transformer.h.1.attn.c_attn.weight" in report["inconsistencies"]["missing"]
+    for main, args in ((E.main, ["--ckpt", str(bad), "--device", "cpu"]),
+                       (G.main, ["--ckpt", str(bad), "--prompt-ids", "1", "--max-new-tokens", "2", "--device", "cpu"])):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "does not fit the model config" in err and "Traceback" not in err
