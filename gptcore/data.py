@@ -7,6 +7,11 @@
 ``prepare`` tokenizes every source once (all cores, progress bar), documents separated by
 <|endoftext|>, and caches train.bin / val.bin (uint16 memmaps) next to a manifest.json holding
 the source hashes, tokenizer and counts; a later call with unchanged sources reuses them.
+A cache entry is built under a lock (``<entry>.lock``, so concurrent prepares of one corpus
+tokenize it once), each file written through a uniquely named temp file and renamed into place,
+the manifest last; a failed write (full disk) removes its temp file and names the fix. Every
+source file is read once, by its real path: symlinks and repeated patterns add nothing, and a
+symlink loop in a folder is walked once (in a ``**`` glob it is an error).
 
 The seeds' sliding-window ``GPTDataset(ids, max_length, stride)`` and ``create_dataloader``
 serve evaluation. Named corpora ``tinystories`` and ``shakespeare`` are downloaded on first use

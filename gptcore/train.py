@@ -1278,8 +1278,8 @@ def resume_command(argv: list[str]) -> str:
         if a == "--resume":
             if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 i += 1
-        elif not a.startswith("--resume="):
-            args.append(a)
+        elif not a.startswith("--resume=") and a not in ("--overwrite", "--no-overwrite"):
+            args.append(a)  # --overwrite started the run; the resume must not start it over
         i += 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
