@@ -380,9 +380,11 @@ def _check_meta(meta_path: Path, meta: dict) -> None:
         v = meta.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
             raise bad(f"{key} must be a non-negative integer, got {v!r}")
-    for key in ("train_config",):
-        if key in meta and not isinstance(meta[key], dict):
-            raise bad(f"{key} must be an object")
+    tc = meta.get("train_config", {})
+    if not isinstance(tc, dict) or not isinstance(tc.get("model", {}), dict):
+        raise bad("train_config (and its model section) must be objects")
+    if "tokenizer" in meta and not isinstance(meta["tokenizer"], str):
+        raise bad(f"tokenizer must be a string, got {meta['tokenizer']!r}")
     files = meta.get("files", {})
     if not isinstance(files, dict):
         raise bad("files must be an object")

@@ -871,6 +871,9 @@ class Trainer:
         st = ck.state
         if st is None:
             raise CheckpointError(f"{ck.path} holds weights only (no state.pt): use --init-from to start from it")
+        if not isinstance(st, dict):
+            raise CheckpointError(f"{ck.path}/state.pt holds a {type(st).__name__}, not a gptcore state (a dict of "
+                                  f"optimizer, step, tokens, rng): use another checkpoint")
         if ck.meta.get("data_hash") != self.data.hash:
             self._resume_notes.append(
                 f"warning: the data differs from the checkpoint's (manifest hash {str(ck.meta.get('data_hash'))[:12]} "
@@ -879,18 +882,29 @@ class Trainer:
             self.optimizer.load_state_dict(st["optimizer"])
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             raise CheckpointError(f"{ck.path}/state.pt: optimizer state does not fit this model ({e})") from None
         for g, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0)):
             g["betas"], g["weight_decay"] = self.cfg.betas, wd  # this run's settings win
-        self.step, self.tokens = int(st["step"]), int(st["tokens"])
-        self.best_val = st.get("best_val")
+        try:
+            self.step, self.tokens = int(st["step"]), int(st["tokens"])
+            self.best_val = st.get("best_val")
+            if self.best_val is not None:
+                self.best_val = float(self.best_val)
+            rng = st["rng"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{ck.path}/state.pt lacks or garbles the step, tokens, best_val or rng state "
+                                  f"({type(e).__name__}: {e}); use another checkpoint") from None
         best = best_state(self.out_dir)
         if best is not None and best.val_loss is not None and (self.best_val is None or best.val_loss < self.best_val):
             # best/ holds a better model than this state knew of (an explicit --resume of an older
             # checkpoint): only a model better than that one replaces it
             self.best_val = best.val_loss
-        restore_rng(st["rng"])
+        try:
+            restore_rng(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{ck.path}/state.pt: its RNG state cannot be restored ({type(e).__name__}: "
+                                  f"{e}); use another checkpoint") from None
         self.last_ckpt = ck.path
         if self.dist.main:
             newer = [p.name for p in self.out_dir.glob("ckpt-*") if p.name > f"ckpt-{self.step:07d}"]
@@ -943,6 +957,19 @@ class Trainer:
         for _ in steps:
             out.append(self.data.get_batch("val", c.batch_size, self.T, gen))
         return out
+
+    def stop_after_eval(self, signum: int) -> TrainResult:
+        """A signal stopped an evaluation: save the state of the last finished step, say how to resume."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.last_ckpt is None or self.last_ckpt.name != f"ckpt-{self.step:07d}":
+            self.save()
+        if self.dist.main:
+            self.log(f"gptcore.train: {signal.Signals(signum).name} during the evaluation at step {self.step}: "
+                     f"stopped without its val loss")
+            self._summary({}, {}, 0.0, signum)
+        return TrainResult(self.out_dir, self.step, self.tokens, {}, {}, self.best_val, self.last_ckpt, signum)
 
     def _open_metrics(self) -> None:
         """metrics.jsonl is appended to, never truncated: a row {"kind": "run"} marks where this run
@@ -1178,19 +1205,6 @@ class Trainer:
         elif self.step % cfg.log_interval == 0 or self.step == self.max_steps:
             self.log(f"step {self.step}/{self.max_steps} | loss {loss:.4f} | lr {self.last_lr:.2e} | "
                      f"grad norm {gnorm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu_s} | mem {mem_s}")
-
-    def stop_after_eval(self, signum: int) -> TrainResult:
-        """A signal stopped an evaluation: save the state of the last finished step, say how to resume."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.last_ckpt is None or self.last_ckpt.name != f"ckpt-{self.step:07d}":
-            self.save()
-        if self.dist.main:
-            self.log(f"gptcore.train: {signal.Signals(signum).name} during the evaluation at step {self.step}: "
-                     f"stopped without its val loss")
-            self._summary({}, {}, 0.0, signum)
-        return TrainResult(self.out_dir, self.step, self.tokens, {}, {}, self.best_val, self.last_ckpt, signum)
 
     def _eval_and_best(self) -> float:
         val = self.last_val = self.evaluate()
