@@ -151,17 +151,6 @@ def check_int_range(name: str, value: int, low: Optional[int] = None, high: Opti
     return value
 
 
-def finite_float(text: str) -> float:
-    """argparse ``type=``: a finite float (argparse names the flag in its error)."""
-    v = float(text)
-    if not math.isfinite(v):
-        raise ValueError(text)
-    return v
-
-
-finite_float.__name__ = "finite float"
-
-
 # ---- will it fit? ----------------------------------------------------------------------------------
 def available_memory(device) -> Optional[int]:
     """Bytes the device could give at most: total GPU memory, or the host's physical memory."""

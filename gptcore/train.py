@@ -55,11 +55,11 @@ import torch.nn.functional as F
 
 from gptcore.cli import (MAX_SEED, UsageError, add_debug_flag, check_backend, check_finite, check_int_range,
                          debug_enabled, refuse_if_too_big, run_cli)
-from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, find_latest, load_checkpoint,
+from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, load_checkpoint,
                                 load_weights, prune_checkpoints, remove_stale_temps, resolve_checkpoint,
                                 restore_rng, save_checkpoint, update_latest)
 from gptcore.config import PRESETS, GPTConfig
-from gptcore.data import DataError, prepare
+from gptcore.data import prepare
 from gptcore.model import GPT
 from gptcore.ops import BACKENDS
 from gptcore.rundir import (RunLock, append_run_marker, best_state, overwrite, read_metrics, resumable_states,

@@ -171,8 +171,8 @@ CASES = [
 
 @pytest.mark.parametrize("cli, argv, needle", [pytest.param(c, a, n, id=f"{c}-{i}") for c, i, a, n in CASES])
 def test_bad_arguments_exit_2_with_one_message_and_change_nothing(env, cli, argv, needle, capsys, monkeypatch):
-    if "cuda" in " ".join(argv) and torch.cuda.is_available():
-        pytest.skip("a GPU is visible: --device cuda can run here")
+    if ("cuda" in " ".join(argv) or "triton" in argv) and torch.cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda and --backend triton can run here")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # so that --backend triton cannot run on a CPU
     monkeypatch.delenv("GPTCORE_DEBUG", raising=False)
     root, run = env["root"], env["run"]
