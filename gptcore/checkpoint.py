@@ -254,14 +254,41 @@ def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def read_latest(out_dir: str | os.PathLike) -> Optional[Path]:
+    """The checkpoint ``out_dir/latest`` names, or None when there is none. The pointer may only
+    name a ``ckpt-NNNNNNN`` directory inside ``out_dir``: anything else (a path, ``..``, a
+    symlink leading out, binary junk) is a CheckpointError."""
+    root = Path(out_dir)
+    pointer = root / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    try:
+        raw = pointer.read_bytes()[:4096]
+        name = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer} is unreadable or not text ({e}); delete it (the newest ckpt-* is "
+                              f"then used) or give the checkpoint directory itself") from None
+    if not _CKPT_RE.match(name):
+        raise CheckpointError(f"{pointer} names {name[:80]!r}, not a ckpt-NNNNNNN directory of {root}; a latest "
+                              f"pointer may only name a checkpoint inside its run directory. Delete it (the newest "
+                              f"ckpt-* is then used) or give the checkpoint directory itself")
+    target = root / name
+    try:
+        inside = target.resolve(strict=False).parent == root.resolve()
+    except (OSError, RuntimeError):  # a symlink loop
+        inside = False
+    if not inside:
+        raise CheckpointError(f"{pointer} names {name}, which leads outside {root} (a symlink?); a latest "
+                              f"pointer may only name a checkpoint inside its run directory")
+    return target if (target / META_FILE).is_file() else None
+
+
 def find_latest(out_dir: str | os.PathLike) -> Optional[Path]:
     """The checkpoint ``out_dir/latest`` names, else the highest-step ``ckpt-*``; None if none."""
     root = Path(out_dir)
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if (target / META_FILE).is_file():
-            return target
+    target = read_latest(root)
+    if target is not None:
+        return target
     ckpts = list_checkpoints(root)
     return ckpts[-1][1] if ckpts else None
 
@@ -287,13 +314,20 @@ class Checkpoint:
 
     @property
     def model_config(self) -> GPTConfig:
-        return GPTConfig(**self.meta["model_config"])
+        try:
+            return GPTConfig.from_dict(self.meta["model_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path / META_FILE}: invalid model_config ({e})") from None
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a run directory (follows its ``latest``)."""
     p = Path(path).expanduser()
-    if not p.exists():
+    try:
+        exists = p.exists()
+    except OSError as e:  # a symlink loop, a name too long
+        raise CheckpointError(f"checkpoint {p} cannot be opened ({e.strerror or e})") from None
+    if not exists:
         raise CheckpointError(f"checkpoint {p} does not exist")
     if p.is_file() and p.name in (META_FILE, MODEL_FILE, STATE_FILE):
         p = p.parent
@@ -316,16 +350,50 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p} has no {META_FILE}: the checkpoint is incomplete (interrupted copy?)")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON ({e}): the file is truncated or corrupt") from None
+    except OSError as e:
+        raise CheckpointError(f"{meta_path} cannot be read ({e.strerror or e})") from None
     if not isinstance(meta, dict) or "format_version" not in meta or "model_config" not in meta:
         raise CheckpointError(f"{meta_path} lacks format_version/model_config: not a gptcore checkpoint")
+    _check_meta(meta_path, meta)
     if meta["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
             f"{p} has checkpoint format {meta['format_version']}, newer than this gptcore reads "
             f"({FORMAT_VERSION}); upgrade gptcore"
         )
     return meta
+
+
+def _check_meta(meta_path: Path, meta: dict) -> None:
+    """The types every reader relies on; an edited meta.json is named, not a TypeError later."""
+    def bad(what: str):
+        return CheckpointError(f"{meta_path}: {what}; the file was edited or is corrupt: restore it or use "
+                               f"another checkpoint")
+
+    fv = meta["format_version"]
+    if not isinstance(fv, int) or isinstance(fv, bool):
+        raise bad(f"format_version must be an integer, got {fv!r}")
+    if not isinstance(meta["model_config"], dict):
+        raise bad(f"model_config must be an object, got {type(meta['model_config']).__name__}")
+    for key in ("step", "tokens"):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise bad(f"{key} must be a non-negative integer, got {v!r}")
+    tc = meta.get("train_config", {})
+    if not isinstance(tc, dict) or not isinstance(tc.get("model", {}), dict):
+        raise bad("train_config (and its model section) must be objects")
+    if "tokenizer" in meta and not isinstance(meta["tokenizer"], str):
+        raise bad(f"tokenizer must be a string, got {meta['tokenizer']!r}")
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        raise bad("files must be an object")
+    for name, info in files.items():
+        if name not in (MODEL_FILE, STATE_FILE):
+            raise bad(f"files lists {name!r}; a checkpoint holds only {MODEL_FILE} and {STATE_FILE}")
+        if (not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool)
+                or not isinstance(info.get("sha256"), str)):
+            raise bad(f"files[{name!r}] must hold an integer 'bytes' and a string 'sha256'")
 
 
 def _verify_file(ckpt: Path, name: str, info: dict) -> None:
@@ -369,9 +437,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", load_state: boo
         try:
             state = torch.load(ckpt / STATE_FILE, map_location=map_location, weights_only=True)
         except Exception as e:  # zip/pickle errors of many kinds all mean: unreadable
+            refused = "weights_only" in str(e) or "WeightsUnpickler" in str(e)
             raise CheckpointError(
                 f"cannot read {ckpt / STATE_FILE} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                f"it is corrupt or not a gptcore state file"
+                + ("it holds objects beyond tensors and plain containers, which a weights-only load refuses: a "
+                   "gptcore state file never does, so this one is foreign or tampered with. The trainer does not "
+                   "unpickle code; to read such a file's weights use python -m gptcore.inspect PATH --trust-pickle "
+                   "(only for files you trust)" if refused else "it is corrupt or not a gptcore state file")
             ) from None
     return Checkpoint(ckpt, meta, weights, state)
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -29,6 +30,20 @@ class GPTConfig:
     tie_weights: bool = True     # LM head shares the token-embedding matrix
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # types first: a string "true" is not a bool, "1e-3" not a number
+            v, want = getattr(self, f.name), _TYPES[f.name]
+            if want is int:
+                continue  # the sizes: checked below, with their range
+            if want is bool:
+                ok = isinstance(v, bool)
+            elif want is float:
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+                if ok and not math.isfinite(v):
+                    raise ValueError(f"GPTConfig.{f.name} must be a finite number, got {v!r}")
+            else:
+                ok = isinstance(v, want)
+            if not ok:
+                raise ValueError(f"GPTConfig.{f.name} must be {want.__name__}, got {type(v).__name__} {v!r}")
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "ff_mult"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -44,8 +59,10 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.pos_emb must be 'learned' or 'rope', got {self.pos_emb!r}")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ValueError(f"GPTConfig: rope needs an even head_dim, got {self.head_dim}")
-        if self.ln_eps <= 0 or self.rope_theta <= 0:
-            raise ValueError("GPTConfig: ln_eps and rope_theta must be positive")
+        if not 0 < self.ln_eps < 1:
+            raise ValueError(f"GPTConfig.ln_eps must be in (0, 1), got {self.ln_eps!r}")
+        if self.rope_theta <= 1:
+            raise ValueError(f"GPTConfig.rope_theta must be > 1, got {self.rope_theta!r}")
 
     @property
     def head_dim(self) -> int:
@@ -81,6 +98,8 @@ class GPTConfig:
             raise ValueError(
                 f"GPTConfig: unknown key(s) {sorted(unknown)}; valid keys: {sorted(valid | set(_ALIASES))}"
             )
+        if not isinstance(d, dict):
+            raise ValueError(f"GPTConfig.from_dict needs a dict, got {type(d).__name__}")
         if d.get("bias") is False:
             raise ValueError("GPTConfig: nanoGPT's bias=False (no biases anywhere) is not supported")
         return cls(**kw)
@@ -91,6 +110,10 @@ class GPTConfig:
     def replace(self, **changes: Any) -> "GPTConfig":
         return dataclasses.replace(self, **changes)
 
+
+_TYPES = {"vocab_size": int, "context_length": int, "emb_dim": int, "n_heads": int, "n_layers": int,
+          "drop_rate": float, "qkv_bias": bool, "pos_emb": str, "rope_theta": float, "ff_mult": int,
+          "ln_eps": float, "tie_weights": bool}
 
 # nanoGPT and other spellings of the same fields.
 _ALIASES = {

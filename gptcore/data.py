@@ -7,6 +7,11 @@
 ``prepare`` tokenizes every source once (all cores, progress bar), documents separated by
 <|endoftext|>, and caches train.bin / val.bin (uint16 memmaps) next to a manifest.json holding
 the source hashes, tokenizer and counts; a later call with unchanged sources reuses them.
+A cache entry is built under a lock (``<entry>.lock``, so concurrent prepares of one corpus
+tokenize it once), each file written through a uniquely named temp file and renamed into place,
+the manifest last; a failed write (full disk) removes its temp file and names the fix. Every
+source file is read once, by its real path: symlinks and repeated patterns add nothing, and a
+symlink loop in a folder is walked once (in a ``**`` glob it is an error).
 
 The seeds' sliding-window ``GPTDataset(ids, max_length, stride)`` and ``create_dataloader``
 serve evaluation. Named corpora ``tinystories`` and ``shakespeare`` are downloaded on first use
@@ -64,7 +69,10 @@ class Source:
     def read(self, errors: str = "strict") -> str:
         if self.text is not None:
             return self.text
-        raw = Path(self.name).read_bytes()
+        try:
+            raw = Path(self.name).read_bytes()
+        except OSError as e:
+            raise DataError(f"{self.name} cannot be read ({e.strerror or e})") from None
         if not raw.strip():
             raise DataError(f"{self.name} is empty (or only whitespace): nothing to train on")
         try:
@@ -132,10 +140,58 @@ def download(name: str, dest: Path | None = None) -> list[Path]:
     return paths
 
 
+def _walk_text_files(root: Path) -> list[str]:
+    """The text files under ``root``, following symlinked folders once each (a symlink loop
+    is walked once, not forever)."""
+    seen_dirs, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        dirnames.sort()
+        out += [os.path.join(dirpath, f) for f in filenames if Path(f).suffix.lower() in TEXT_SUFFIXES]
+    return sorted(out)
+
+
+def _glob_files(spec: str) -> list[str]:
+    out = []
+    for f in _glob.iglob(os.path.expanduser(spec), recursive=True):
+        if len(Path(f).parts) > 64:
+            raise DataError(f"the pattern {spec!r} runs into a symlink loop ({f[:120]}...): fix the link or "
+                            f"use a pattern without **")
+        if os.path.isfile(f):
+            out.append(f)
+    return sorted(out)
+
+
+def _unique(sources: list[Source]) -> list[Source]:
+    """Each file once: a symlink, a second pattern or a repeated path to a file already in the
+    corpus is dropped (no document is trained on twice by accident)."""
+    seen, out, dropped = set(), [], 0
+    for s in sources:
+        key = s.name if s.text is not None else os.path.realpath(s.name)
+        if key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        out.append(s)
+    if dropped:
+        print(f"gptcore.data: {dropped} path(s) named a file already in the corpus (symlink or repeat); "
+              f"each file is read once", file=sys.stderr)
+    return out
+
+
 def resolve_sources(spec: str | os.PathLike | Sequence) -> list[Source]:
-    """'default', a named corpus, a file, a folder (its *.txt/*.md, recursively) or a glob."""
+    """'default', a named corpus, a file, a folder (its *.txt/*.md, recursively) or a glob;
+    every file once (by its real path)."""
+    return _unique(_resolve_sources(spec))
+
+
+def _resolve_sources(spec: str | os.PathLike | Sequence) -> list[Source]:
     if isinstance(spec, (list, tuple)):
-        return [s for item in spec for s in resolve_sources(item)]
+        return [s for item in spec for s in _resolve_sources(item)]
     spec = str(spec)
     if spec == "default":
         return default_corpus()
@@ -145,12 +201,12 @@ def resolve_sources(spec: str | os.PathLike | Sequence) -> list[Source]:
     if p.is_file():
         return [Source(str(p))]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES)
+        files = _walk_text_files(p)
         if not files:
             raise DataError(f"folder {p} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        return [Source(str(f)) for f in files]
+        return [Source(f) for f in files]
     if any(c in spec for c in "*?["):
-        files = sorted(f for f in _glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(f))
+        files = _glob_files(spec)
         if not files:
             raise DataError(f"the pattern {spec!r} matches no files")
         return [Source(f) for f in files]
@@ -259,13 +315,63 @@ class TokenData:
         return xy[:, :-1], xy[:, 1:]
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _atomic_write_bytes(path: Path, data) -> None:
+    """Write ``data`` (bytes or an array) to ``path`` through a temp file of a unique name in the
+    same directory and an atomic rename; a failed write (full disk) removes its temp file."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if isinstance(data, np.ndarray):
+                data.tofile(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class _CacheLock:
+    """An exclusive lock on one cache entry (``<root>.lock`` beside it) while it is built, so two
+    processes preparing the same corpus tokenize it once and never write the same files."""
+
+    def __init__(self, root: Path):
+        self.path = root.with_name(root.name + ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # waits for the other builder
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # drops the lock; the lock file stays (deleting it would race)
+
+
+def _cached(root: Path, key: str):
+    man = root / "manifest.json"
+    if man.exists():
+        try:
+            if json.loads(man.read_text()).get("hash") == key:
+                return TokenData(root)
+        except (ValueError, OSError, KeyError, TypeError):
+            pass  # a damaged cache is rebuilt
+    return None
+
+
+def _cache_error(root: Path, e: OSError) -> DataError:
+    return DataError(
+        f"cannot write the token cache at {root} ({e.strerror or e}); free space there, fix its permissions, "
+        f"or point GPTCORE_DATA_DIR at a writable directory with room")
 
 
 def prepare(spec="default", cache_dir: str | os.PathLike | None = None, tokenizer: str = "gpt2",
@@ -282,24 +388,48 @@ def prepare(spec="default", cache_dir: str | os.PathLike | None = None, tokenize
     key = hashlib.sha256(json.dumps(key_obj, sort_keys=True).encode()).hexdigest()
     label = "default" if str(spec) == "default" else Path(str(spec)).name.replace("*", "_") or "data"
     root = Path(cache_dir) if cache_dir else cache_root() / f"{label}-{key[:12]}"
-    man = root / "manifest.json"
-    if man.exists():
+    found = _cached(root, key)
+    if found is not None:
+        return found
+    for parent in [root, *root.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"the token cache {root} cannot be made: {parent} is a file, not a directory; "
+                                f"point GPTCORE_DATA_DIR at a directory")
+            break
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(root, e) from None
+    try:
+        lock = _CacheLock(root).__enter__()
+    except OSError as e:
+        raise _cache_error(root, e) from None
+    try:
+        found = _cached(root, key)  # another process may have built it while this one waited
+        if found is not None:
+            return found
+        for stale in root.glob(".*.tmp"):  # under the lock every temp file is a dead writer's
+            stale.unlink(missing_ok=True)
+        for old in ("train.bin.tmp", "val.bin.tmp", "manifest.json.tmp"):  # names of older versions
+            (root / old).unlink(missing_ok=True)
+        tokens = tokenize_sources(sources, tokenizer, errors, progress)
+        n_val = int(len(tokens) * val_fraction)
+        train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+        enc = get_encoding(tokenizer)
+        manifest = {**key_obj, "hash": key, "n_tokens": int(len(tokens)), "train_tokens": int(len(train)),
+                    "val_tokens": int(len(val)), "dtype": tokens.dtype.name, "n_vocab": enc.n_vocab}
         try:
-            if json.loads(man.read_text()).get("hash") == key:
-                return TokenData(root)
-        except (json.JSONDecodeError, OSError):
-            pass  # a damaged cache is rebuilt below
-    tokens = tokenize_sources(sources, tokenizer, errors, progress)
-    n_val = int(len(tokens) * val_fraction)
-    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(root / "train.bin", train.tobytes())
-    _atomic_write_bytes(root / "val.bin", val.tobytes())
-    enc = get_encoding(tokenizer)
-    manifest = {**key_obj, "hash": key, "n_tokens": int(len(tokens)), "train_tokens": int(len(train)),
-                "val_tokens": int(len(val)), "dtype": tokens.dtype.name, "n_vocab": enc.n_vocab}
-    _atomic_write_bytes(man, json.dumps(manifest, indent=1).encode())  # written last: marks the cache complete
-    return TokenData(root)
+            (root / "manifest.json").unlink(missing_ok=True)  # the old entry is incomplete until the new one is
+            _atomic_write_bytes(root / "train.bin", train)
+            _atomic_write_bytes(root / "val.bin", val)
+            # written last: marks the cache complete
+            _atomic_write_bytes(root / "manifest.json", json.dumps(manifest, indent=1).encode())
+        except OSError as e:
+            raise _cache_error(root, e) from None
+        return TokenData(root)
+    finally:
+        lock.__exit__()
 
 
 # ---- sliding windows (LLMs-from-scratch style) ----------------------------------------------------

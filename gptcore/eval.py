@@ -24,6 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptcore.cli import (UsageError, add_debug_flag, check_backend, check_device, check_int_range,
+                         refuse_if_too_big, run_cli)
+from gptcore.config import GPTConfig
 from gptcore.checkpoint import CheckpointError, load_model, read_meta, resolve_checkpoint
 from gptcore.data import DataError, GPTDataset, Source, prepare
 from gptcore.model import GPT
@@ -48,7 +51,7 @@ def _windows(n: int, T: int, stride: int, n_regular: int) -> list[tuple[int, int
 
 @torch.no_grad()
 def evaluate_tokens(model: GPT, ids, context_length: Optional[int] = None, stride: Optional[int] = None,
-                    batch_size: int = 8, dtype: Optional[torch.dtype] = None) -> dict:
+                    batch_size: int = 8, dtype: Optional[torch.dtype] = None, progress: bool = False) -> dict:
     """Loss (nats/token), perplexity and top-1 accuracy of ``model`` on the token sequence ``ids``."""
     T = context_length or model.config.context_length
     stride = stride or T
@@ -66,7 +69,15 @@ def evaluate_tokens(model: GPT, ids, context_length: Optional[int] = None, strid
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
+    n_batches = -(-len(windows) // batch_size)
+    bar = None
+    if progress and n_batches >= 20:  # a long evaluation shows progress at once (Ctrl-C stops it)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_batches, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
     for b in range(0, len(windows), batch_size):
+        if bar is not None:
+            bar.update(1)
         chunk = windows[b:b + batch_size]
         xs, ys = [], []
         for s, length, first in chunk:
@@ -83,6 +94,8 @@ def evaluate_tokens(model: GPT, ids, context_length: Optional[int] = None, strid
         loss_sum += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
         correct += int(((logits.argmax(-1) == y) & mask).sum())
         count += int(mask.sum())
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     loss = loss_sum / count
     return {"tokens": count, "loss": loss, "perplexity": math.exp(min(loss, 700)), "accuracy": correct / count,
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="corpus whose split to score: a file, folder, glob or 'default' (default: the "
                           "checkpoint's training data)")
     src.add_argument("--file", default=None, help="score this whole text file with sliding windows instead")
-    ap.add_argument("--split", default="val", choices=["val", "train"], help="split of --data (default: val)")
+    ap.add_argument("--split", default=None, choices=["val", "train"], help="split of --data (default: val)")
     ap.add_argument("--context-length", type=int, default=None, help="window length (default: the model's)")
     ap.add_argument("--stride", type=int, default=None,
                     help="window step for --file (default: the context length; the val split always uses it)")
@@ -111,47 +124,69 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                     help="autocast dtype (default: bf16 on a GPU, fp32 on CPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr for long evaluations")
+    add_debug_flag(ap)
     return ap
 
 
 def main(argv=None) -> int:
+    """Exit status: 0 scored; 2 bad flags, data or checkpoint (one line; --debug for the traceback);
+    130 / 143 stopped by Ctrl-C / SIGTERM."""
+    return run_cli("gptcore.eval", _main, argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    check_int_range("--batch-size", args.batch_size, 1, 1 << 20)
+    if args.file is not None and args.split is not None:
+        raise UsageError("--split chooses a split of --data; --file scores the whole file: give one of them")
+    if args.file is None and args.stride is not None:
+        raise UsageError("--stride applies to --file (the val/train split is scored in whole windows): drop it "
+                         "or score a file with --file")
+    args.split = args.split or "val"
+    if args.max_tokens is not None:
+        check_int_range("--max-tokens", args.max_tokens, 2)
+    for flag, v in (("--context-length", args.context_length), ("--stride", args.stride)):
+        if v is not None:
+            check_int_range(flag, v, 1, 1 << 24)
+    device = check_device(args.device)
+    check_backend(args.backend)
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise UsageError("--dtype fp16 needs a CUDA GPU; on a CPU use fp32 or bf16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
+    if args.file is not None and not Path(args.file).is_file():
+        raise DataError(f"--file {args.file}: not found (give a text file)")
+    meta = read_meta(args.ckpt)
     try:
-        if args.batch_size < 1 or (args.max_tokens is not None and args.max_tokens < 2):
-            raise ValueError("--batch-size must be >= 1 and --max-tokens >= 2")
-        if args.device == "auto":
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
-        meta = read_meta(args.ckpt)
-        model = load_model(args.ckpt, device=device, backend=args.backend)
-        tcfg = meta.get("train_config", {})
-        if args.file is not None:
-            if not Path(args.file).is_file():
-                raise DataError(f"{args.file} not found (give a text file)")
-            text = Source(args.file).read(args.data_errors)
-            ids = get_encoding(meta.get("tokenizer", "gpt2")).encode(text, allowed_special={ENDOFTEXT})
-            source, split, stride, matches = args.file, "whole file", args.stride, None
-        else:
-            spec = args.data or meta.get("data") or "default"
-            data = prepare(spec, tokenizer=meta.get("tokenizer", "gpt2"),
-                           val_fraction=tcfg.get("val_fraction", 0.1), errors=args.data_errors, progress=False)
-            ids = data.splits[args.split]
-            source, split, stride, matches = spec, args.split, None, data.hash == meta.get("data_hash")
-            if len(ids) < 2:
-                raise DataError(f"the {split} split of {spec} holds {len(ids)} tokens: nothing to score")
-        if args.max_tokens is not None:
-            ids = ids[: args.max_tokens]
-        res = evaluate_tokens(model, ids, args.context_length, stride, args.batch_size, dtype)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"gptcore.eval: error: {e}", file=sys.stderr)
-        return 1
+        mc = GPTConfig.from_dict(meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{args.ckpt}: invalid model_config in meta.json ({e})") from None
+    T = args.context_length or mc.context_length
+    if T > mc.context_length:
+        raise UsageError(f"--context-length {T} exceeds the model's {mc.context_length}")
+    refuse_if_too_big(f"--batch-size {args.batch_size} x context {T} (fp32 logits over {mc.vocab_size} tokens)",
+                      2 * 4 * args.batch_size * T * mc.vocab_size, device, "lower --batch-size")
+    model = load_model(args.ckpt, device=device, backend=args.backend)
+    tcfg = meta.get("train_config", {})
+    if args.file is not None:
+        if not Path(args.file).is_file():
+            raise DataError(f"{args.file} not found (give a text file)")
+        text = Source(args.file).read(args.data_errors)
+        ids = get_encoding(meta.get("tokenizer", "gpt2")).encode(text, allowed_special={ENDOFTEXT})
+        source, split, stride, matches = args.file, "whole file", args.stride, None
+    else:
+        spec = args.data or meta.get("data") or "default"
+        data = prepare(spec, tokenizer=meta.get("tokenizer", "gpt2"),
+                       val_fraction=tcfg.get("val_fraction", 0.1), errors=args.data_errors, progress=False)
+        ids = data.splits[args.split]
+        source, split, stride, matches = spec, args.split, None, data.hash == meta.get("data_hash")
+        if len(ids) < 2:
+            raise DataError(f"the {split} split of {spec} holds {len(ids)} tokens: nothing to score")
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    res = evaluate_tokens(model, ids, args.context_length, stride, args.batch_size, dtype,
+                          progress=not args.no_progress)
     out = {"checkpoint": str(resolve_checkpoint(args.ckpt)), "step": meta.get("step"), "source": source, "split": split,
            "data_matches_checkpoint": matches, **res}
     if args.json:

@@ -352,7 +352,7 @@ def _read_training_checkpoint(p: Path) -> Checkpoint:
     from gptcore import checkpoint
 
     ck = checkpoint.resolve_checkpoint(p)
-    meta = read_json(ck / "meta.json")
+    meta = checkpoint.read_meta(ck)  # types checked: an edited meta.json is named, not a TypeError later
     if not isinstance(meta.get("model_config"), dict):
         raise FormatError(f"{ck / 'meta.json'}: no 'model_config' object; not a gptcore training checkpoint")
     config = GPTConfig.from_dict(meta["model_config"])

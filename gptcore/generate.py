@@ -688,6 +688,9 @@ def _parse_args(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="weights and KV-cache dtype (default: bfloat16 on a GPU that supports it, else float32)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu, ... (default: cuda if available)")
+    from gptcore.cli import add_debug_flag
+
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if not (args.prompt or args.prompt_file or args.prompt_ids):
         p.error("give at least one prompt: --prompt TEXT, --prompt-file PATH or --prompt-ids IDS")
@@ -700,9 +703,58 @@ def _parse_args(argv=None):
     return args
 
 
+def _check_args(args) -> None:
+    """Every numeric flag in range before anything is loaded (UsageError names the flag)."""
+    from gptcore.cli import MAX_SEED, UsageError, check_finite, check_int_range
+
+    check_int_range("--max-new-tokens", args.max_new_tokens, 1, 1 << 24)
+    check_int_range("--num-samples", args.num_samples, 1, 1 << 16)
+    check_int_range("--block-size", args.block_size, 1, 1 << 16)
+    if args.block_size != 16 and not args.paged:
+        raise UsageError("--block-size sets the paged cache's block: add --paged, or drop --block-size")
+    if args.paged and args.no_cache:
+        raise UsageError("--paged chooses the KV cache's layout and --no-cache runs without one: give one of them")
+    check_finite("--temperature", args.temperature, low=0.0, high=1e4)
+    if args.top_k is not None:
+        check_int_range("--top-k", args.top_k, 1)
+    if args.top_p is not None:
+        check_finite("--top-p", args.top_p, low=0.0, high=1.0, low_open=True)
+    if args.seed is not None:
+        check_int_range("--seed", args.seed, 0, MAX_SEED)
+    for t in args.stop_token:
+        check_int_range("--stop-token", t, 0, 1 << 31)
+
+
+def _read_prompt_file(path: str) -> str:
+    from gptcore.cli import UsageError
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1 << 26)
+    except OSError as e:
+        raise UsageError(f"--prompt-file {path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompt-file {path} is not UTF-8 text (byte {e.start}); convert it "
+                         f"(e.g. iconv -t utf-8) or pass token ids with --prompt-ids") from None
+
+
 def main(argv=None) -> int:
+    """Exit status: 0 generated; 2 bad flags, prompt or checkpoint, or a request that cannot fit
+    (one line; --debug for the traceback); 130 / 143 stopped by Ctrl-C / SIGTERM."""
+    from gptcore.cli import run_cli
+
+    return run_cli("gptcore.generate", _main, argv)
+
+
+def _main(argv) -> int:
+    from gptcore.cli import UsageError, check_backend, check_device, refuse_if_too_big
+
     args = _parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _check_args(args)
+    device = str(check_device(args.device or "auto"))
+    check_backend(args.backend)
     if args.dtype is None:
         bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -712,25 +764,40 @@ def main(argv=None) -> int:
     from gptcore.model import GPT
     from gptcore.ops import default_backend
 
-    if args.ckpt:
-        model = load_checkpoint_model(args.ckpt, device)
-        model.set_backend(args.backend or default_backend(device))
-    else:
-        torch.manual_seed(0 if args.seed is None else args.seed)
-        model = GPT(GPTConfig.from_preset(args.preset), backend=args.backend or default_backend(device))
-    model = model.to(device=device, dtype=dtype).eval()
-
-    texts = list(args.prompt) + [open(f, encoding="utf-8").read() for f in args.prompt_file]
+    texts = list(args.prompt) + [_read_prompt_file(f) for f in args.prompt_file]
     enc = _tokenizer() if texts or not args.prompt_ids else None
     prompts = [enc.encode(t, allowed_special={"<|endoftext|>"}) for t in texts]
     for ids in args.prompt_ids:
         try:
             prompts.append([int(x) for x in ids.split(",") if x.strip()])
         except ValueError:
-            raise SystemExit(f"--prompt-ids {ids!r}: expected comma-separated integers")
+            raise UsageError(f"--prompt-ids {ids!r}: expected comma-separated integers") from None
     batch = [p for p in prompts for _ in range(args.num_samples)]
     if args.stream and len(batch) != 1:
-        raise SystemExit("--stream prints one sequence: give one prompt and --num-samples 1")
+        raise UsageError("--stream prints one sequence: give one prompt and --num-samples 1")
+
+    if args.ckpt:
+        model = load_checkpoint_model(args.ckpt, device)
+        model.set_backend(args.backend or default_backend(device))
+    else:
+        cfg = GPTConfig.from_preset(args.preset)
+        n = cfg.vocab_size * cfg.emb_dim + cfg.n_layers * (4 + 2 * cfg.ff_mult) * cfg.emb_dim ** 2
+        refuse_if_too_big(f"--preset {args.preset} ({n / 1e6:,.0f}M parameters)", n * 4, device,
+                          "pick a smaller --preset")
+        torch.manual_seed(0 if args.seed is None else args.seed)
+        model = GPT(cfg, backend=args.backend or default_backend(device))
+    model = model.to(device=device, dtype=dtype).eval()
+    cfg = model.config
+    longest = max(len(p) for p in batch)
+    if longest + args.max_new_tokens > cfg.context_length:
+        raise UsageError(f"the longest prompt ({longest} tokens) + --max-new-tokens {args.max_new_tokens} = "
+                         f"{longest + args.max_new_tokens} positions, more than the model's context_length "
+                         f"{cfg.context_length}; ask for at most {max(0, cfg.context_length - longest)} new tokens "
+                         f"or shorten the prompt")
+    kv = 2 * cfg.n_layers * cfg.emb_dim * torch.finfo(dtype).bits // 8  # bytes a token
+    refuse_if_too_big(f"{len(batch)} sequences x {longest + args.max_new_tokens} positions of KV cache",
+                      len(batch) * (longest + args.max_new_tokens) * kv, device, "lower --num-samples or "
+                      "--max-new-tokens, or give fewer prompts")
 
     def show(ids):
         return enc.decode(ids) if enc is not None else " ".join(map(str, ids))

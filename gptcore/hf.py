@@ -140,10 +140,9 @@ def read_hf_folder(folder: PathLike, trust_pickle: bool = False) -> Checkpoint:
 
 def _read_weights(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
         out: dict[str, torch.Tensor] = {}
-        for s in shards:
-            out.update(_read_weights(path.parent / s, trust_pickle))
+        for shard in _index_shards(path):
+            out.update(_read_weights(shard, trust_pickle))
         return out
     if path.suffix == ".safetensors":
         return load_safetensors(path)
@@ -151,6 +150,36 @@ def _read_weights(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: expected a state_dict, found {type(obj).__name__}")
     return obj
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a sharded-checkpoint index names, each once; every shard must be a weight
+    file inside the index's folder (no paths out of it, no index naming an index)."""
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(wm.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FormatError(f"{index}: not a readable sharded-checkpoint index (needs a 'weight_map' object of "
+                          f"tensor name -> shard file; {type(e).__name__}: {e})") from None
+    root = index.parent.resolve()
+    shards = []
+    for name in names:
+        if not isinstance(name, str) or not name or name.endswith(".index.json"):
+            raise FormatError(f"{index}: shard {name!r} is not a weight file")
+        p = index.parent / name
+        try:
+            inside = p.resolve().parent == root
+        except (OSError, RuntimeError):  # a symlink loop
+            inside = False
+        if Path(name).name != name or not inside:
+            raise FormatError(f"{index}: shard {name!r} lies outside {index.parent}; an index may only name "
+                              f"files beside it")
+        if not p.is_file():
+            raise FormatError(f"{index}: shard {name} is missing from {index.parent}")
+        if p.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise FormatError(f"{index}: shard {name!r} is not a .safetensors or .bin weight file")
+        shards.append(p)
+    return shards
 
 
 def _hf_folder(path: PathLike) -> Path:

@@ -12,7 +12,8 @@ it lists what keeps the checkpoint from loading into that model: config fields t
 missing and unexpected keys, shape mismatches, a vocabulary smaller than the tokenizer's.
 (drop_rate is a training setting and is not compared.)
 
-Exit status: 0 read (and fits, when asked), 1 does not fit, 2 cannot be read or bad arguments.
+Exit status: 0 read (and fits, when asked); 1 does not fit, or the checkpoint's own config does
+not match its weights; 2 cannot be read or bad arguments (one line; --debug for the traceback).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import sys
 from collections import Counter
 from typing import Any, Optional
 
+from gptcore.checkpoint import CheckpointError
+from gptcore.cli import add_debug_flag, debug_enabled, describe_os_error, run_cli
 from gptcore.config import GPTConfig
 from gptcore.formats import (
     FormatError, UntrustedPickleError, count_params, diff_state_dict, infer_config_fields,
@@ -67,7 +70,18 @@ def inspect_checkpoint(path: str, config: Any = None, vocab: Optional[int] = Non
         "target": None,
         "fits": None,
         "differences": {},
+        "consistent": None,
+        "inconsistencies": {},
     }
+    if ck.config is not None:
+        # the checkpoint's own config must describe its own weights (an edited meta.json or a
+        # config.json from another model does not)
+        own = {k: v for k, v in diff_state_dict(ck.config, sd).items() if v}
+        if "shape_mismatch" in own:
+            own["shape_mismatch"] = [{"key": k, "checkpoint": list(a), "config": list(b)}
+                                     for k, a, b in own["shape_mismatch"]]
+        report["consistent"] = not own
+        report["inconsistencies"] = own
     if target is None and vocab is None:
         return report
 
@@ -116,6 +130,18 @@ def format_report(r: dict[str, Any], config_name: Optional[str] = None, max_keys
         out.append(f"{k + ':':<12} {v}")
     for n in r["notes"]:
         out.append(f"note:        {n}")
+    if r.get("consistent") is False:
+        out.append("CONFIG DOES NOT MATCH THE WEIGHTS: the checkpoint's own config describes other tensors "
+                   "(edited or foreign config); it will not load")
+        inc = r["inconsistencies"]
+        for key, label in (("missing", "tensors the config expects but the file lacks"),
+                           ("unexpected", "tensors in the file the config does not know")):
+            if key in inc:
+                names = inc[key]
+                more = f" ... and {len(names) - max_keys} more" if len(names) > max_keys else ""
+                out.append(f"  {label} ({len(names)}): {', '.join(names[:max_keys])}{more}")
+        for item in inc.get("shape_mismatch", [])[:max_keys]:
+            out.append(f"  {item['key']}: file {tuple(item['checkpoint'])}, config {tuple(item['config'])}")
     if r["fits"] is None:
         return "\n".join(out)
     what = " and ".join(x for x in (f"--config {config_name}" if config_name else None,
@@ -142,6 +168,10 @@ def format_report(r: dict[str, Any], config_name: Optional[str] = None, max_keys
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli("gptcore.inspect", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m gptcore.inspect", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="checkpoint file or folder: gptcore folder or .safetensors+.json, Hugging "
@@ -156,19 +186,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--trust-pickle", action="store_true",
                     help="allow full unpickling of .pt/.pth/.bin files that a weights-only load refuses; "
                          "this can run code stored in the file: use only for files you trust")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
     if args.vocab is not None and args.vocab <= 0:
         ap.error(f"--vocab must be positive, got {args.vocab}")
     try:
         report = inspect_checkpoint(args.path, args.config, args.vocab, args.trust_pickle)
-    except (FormatError, UntrustedPickleError, FileNotFoundError, ValueError, TypeError) as e:
+    except (FormatError, UntrustedPickleError, CheckpointError, OSError, ValueError, TypeError) as e:
+        if args.debug or debug_enabled(argv):
+            raise
+        if isinstance(e, OSError) and type(e).__module__ == "builtins" and not isinstance(e, FileNotFoundError):
+            e = describe_os_error(e)
         if args.json:
             print(json.dumps({"path": args.path, "error": str(e)}, indent=2))
         else:
             print(f"gptcore.inspect: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report, args.config))
-    return 1 if report["fits"] is False else 0
+    return 1 if report["fits"] is False or report["consistent"] is False else 0
 
 
 if __name__ == "__main__":

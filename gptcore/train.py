@@ -23,10 +23,17 @@ metrics rows are still one per step, and a run of non-finite steps stops the run
 Out dir: ckpt-NNNNNNN/ (the last --keep-last), best/ (lowest val loss), latest (names the newest
 ckpt), metrics.jsonl (one row per step and per evaluation), loss.png (with matplotlib).
 
-Exit status: 0 done; 1 failed (bad data, bad checkpoint, non-finite loss --max-bad-steps times
-in a row, out of memory); 2 bad config; 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after
-saving a checkpoint at the end of the current step (the message prints the resume command).
-A second Ctrl-C stops at once (no checkpoint).
+Exit status: 0 done; 1 the run failed while training (non-finite loss --max-bad-steps times in
+a row, out of memory); 2 it could not start: bad config or flag, bad data, a bad checkpoint, an
+out dir that is in use (another run holds its lock), not empty (without --resume / --overwrite),
+or unwritable, a size that cannot fit (one line, the traceback with --debug or GPTCORE_DEBUG=1);
+130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint at the end of the
+current step or evaluation (the message prints the resume command). A second Ctrl-C stops at
+once (no checkpoint).
+
+Out dir ownership: one process at a time (out_dir/.gptcore.lock: pid and host; a lock left by a
+dead process is taken over with a note). A new run into a non-empty out dir is refused: continue
+it with --resume auto (the newest complete state, ckpt-* or best/) or start over with --overwrite.
 """
 from __future__ import annotations
 
@@ -53,15 +60,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, find_latest, load_checkpoint,
+from gptcore.cli import (MAX_SEED, UsageError, add_debug_flag, check_backend, check_finite, check_int_range,
+                         debug_enabled, refuse_if_too_big, run_cli)
+from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, load_checkpoint,
                                 load_weights, prune_checkpoints, remove_stale_temps, resolve_checkpoint,
                                 restore_rng, save_checkpoint, update_latest)
 from gptcore.config import PRESETS, GPTConfig
-from gptcore.data import DataError, prepare
+from gptcore.data import prepare
 from gptcore.graph_step import (GraphedStep, GraphUnavailable, adamw, after_load_state_dict, clip_and_check,
                                 portable_state_dict, resolve, set_lr, skip_if, unavailable_reason)
 from gptcore.model import GPT
 from gptcore.ops import BACKENDS
+from gptcore.rundir import (RunLock, append_run_marker, best_state, overwrite, read_metrics, resumable_states,
+                            run_contents)
 from gptcore.tokenizer import ENDOFTEXT, get_encoding
 
 TOKENIZER = "gpt2"
@@ -92,6 +103,8 @@ class TrainConfig:
     preset: str = _opt("tiny", "model preset", "model", choices=sorted(PRESETS))
     init_from: str = _opt("scratch", "'scratch', a gptcore checkpoint (dir or run dir), or a GPT-2 "
                           "name / Hugging Face folder (gpt2, gpt2-medium, ...)", "model")
+    trust_pickle: bool = _opt(False, "let --init-from unpickle .pt/.pth/.bin files that a weights-only load "
+                              "refuses; this can run code stored in the file: only for files you trust", "model")
     backend: Optional[str] = _opt(None, "kernel backend", "model", choices=list(BACKENDS),
                                   shown="triton on a GPU, else torch")
     grad_checkpointing: bool = _opt(False, "recompute each block in backward (less memory, ~1/3 more compute)",
@@ -132,9 +145,13 @@ class TrainConfig:
     ckpt_interval: int = _opt(100, "save a checkpoint every N steps (0: only at the end)", "eval")
     keep_last: int = _opt(2, "keep the newest K ckpt-* directories (best/ is kept besides)", "eval")
     out_dir: str = _opt("out", "directory for checkpoints, metrics.jsonl and loss.png", "eval")
-    resume: Optional[str] = _opt(None, "continue a run: 'auto' (out_dir's latest checkpoint, or a new run "
-                                 "if there is none) or a checkpoint path; --resume alone means auto", "eval",
-                                 shown="start a new run")
+    resume: Optional[str] = _opt(None, "continue a run: 'auto' (the newest complete state in out_dir, ckpt-* or "
+                                 "best/, or a new run if there is none) or a checkpoint path; --resume alone means "
+                                 "auto. Nothing the earlier run wrote is truncated: metrics.jsonl is appended to",
+                                 "eval", shown="start a new run; a non-empty out_dir is refused")
+    overwrite: bool = _opt(False, "start a new run in a non-empty out_dir: deletes its ckpt-*, best/, latest, "
+                           "metrics.jsonl and loss.png (other files stay); with --resume PATH: allow replacing "
+                           "the later checkpoints out_dir holds", "eval")
     log_interval: int = _opt(10, "print a line every N steps when the progress bar is off", "eval")
     sample_every: int = _opt(0, "print a sample every N steps (0: only at the end)", "eval")
     sample_prompt: str = _opt("The", "prompt of the samples", "eval")
@@ -151,6 +168,7 @@ class TrainConfig:
                            "runtime", choices=["auto", "on", "off"])
 
     def validate(self) -> None:
+        _check_numbers(self)
         positive = ["batch_size", "grad_accum", "eval_steps", "keep_last", "log_interval", "max_bad_steps"]
         for k in positive:
             if getattr(self, k) < 1:
@@ -159,6 +177,9 @@ class TrainConfig:
                   "weight_decay", "grad_clip", "sample_temperature"]:
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode {self.compile_mode!r} applies under --compile: add --compile, or drop "
+                              f"--compile-mode")
         lengths = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(self, k) is not None]
         if len(lengths) > 1:
             raise ConfigError(f"give only one of max_steps, max_tokens, epochs (got {', '.join(lengths)})")
@@ -256,13 +277,23 @@ def load_config_file(path: str | os.PathLike) -> dict:
     """The settings of a YAML or JSON file, flat (a ``model:`` section merges in), keys with _."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {p} not found")
-    text = p.read_text()
+        raise ConfigError(f"config file {p} not found" + (" (it is a directory)" if p.is_dir() else ""))
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
+    if len(data) > 1 << 20:
+        raise ConfigError(f"config file {p} is {len(data):,} bytes: not a settings file (they are a few hundred)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not a UTF-8 text file (byte {e.start}); give a YAML or JSON "
+                          f"settings file") from None
+    if "\x00" in text:
+        raise ConfigError(f"config file {p} holds NUL bytes: not a YAML or JSON text file")
     try:
         if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(text)
+            raw = _yaml_load(text)
         elif p.suffix.lower() == ".json":
             raw = json.loads(text)
         else:
@@ -282,6 +313,21 @@ def load_config_file(path: str | os.PathLike) -> dict:
         else:
             flat[k] = v
     return flat
+
+
+_YAML_FLOAT = re.compile(r"""^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$""")
+
+
+def _yaml_load(text: str):
+    """yaml.safe_load, but 1e-3 and 3E5 are floats (YAML 1.1 wants a dot: 1.0e-3; YAML 1.2 and
+    every user expect a number). Real words (inf, nan, 1_000 as int) keep their YAML meaning."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return yaml.load(text, Loader=Loader)
 
 
 def make_config(*sources: tuple[str, dict]) -> TrainConfig:
@@ -309,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", metavar="FILE",
                     help="YAML or JSON file of settings (the keys below, with _ or -, and an optional "
                          "'model:' section); flags given on the command line override it (default: none)")
+    add_debug_flag(ap)
     groups = {k: ap.add_argument_group(v) for k, v in _GROUPS.items()}
     hints = get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
@@ -343,7 +390,7 @@ def parse_args(argv: list[str]) -> TrainConfig:
     if extra:
         flag = next((a for a in extra if a.startswith("-")), extra[0])
         raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), "the command line")
-    cli = {k: v for k, v in vars(ns).items() if k != "config"}
+    cli = {k: v for k, v in vars(ns).items() if k not in ("config", "debug")}
     file_vals = load_config_file(ns.config) if getattr(ns, "config", None) else {}
     return make_config(("config file", file_vals), ("command line", cli))
 
@@ -405,7 +452,7 @@ def plot_losses(metrics: Path, png: Path) -> str:
         from matplotlib.figure import Figure
     except ImportError:
         return "matplotlib is not installed: skipped the loss curve (pip install matplotlib)"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and r["loss"] is not None]
     val = [(r["step"], r["val_loss"]) for r in rows if r["kind"] == "eval"]
     fig = Figure(figsize=(7, 4))
@@ -436,8 +483,18 @@ def _json_num(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
+class _StoppedInEval(Exception):
+    """A signal came during an evaluation: train() saves the state after the last step and stops."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _GracefulStop:
     """First SIGINT/SIGTERM: finish the current step, save, stop. A second SIGINT: stop now."""
+
+    active: Optional["_GracefulStop"] = None  # the one in force (evaluate() checks it between batches)
 
     def __init__(self, announce: bool):
         self.signum: Optional[int] = None
@@ -448,6 +505,7 @@ class _GracefulStop:
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)
+        _GracefulStop.active = self
         return self
 
     def _handle(self, signum, frame):
@@ -459,6 +517,7 @@ class _GracefulStop:
                   f"step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
+        _GracefulStop.active = None
         for s, h in self._old.items():
             signal.signal(s, h)
 
@@ -560,6 +619,47 @@ def _is_gptcore_checkpoint(spec: str) -> bool:
     return p.exists() and ((p / "meta.json").is_file() or (p / "latest").is_file())
 
 
+# Upper bounds of the integer settings (beyond them a value is a typo, not a plan).
+_INT_LIMITS = {"seed": (0, MAX_SEED), "sample_tokens": (0, 100_000), "batch_size": (1, 1 << 40),
+               "grad_accum": (1, 1 << 40), "eval_steps": (1, 1 << 40), "max_steps": (1, 1 << 62),
+               "max_tokens": (1, 1 << 62), "keep_last": (1, 1 << 40)}
+
+
+def _check_numbers(cfg: "TrainConfig") -> None:
+    """NaN, inf and out-of-range numbers are refused at start-up, naming the field."""
+    try:
+        for f in fields(cfg):
+            v = getattr(cfg, f.name)
+            if isinstance(v, float):
+                check_finite(f.name, v)
+            elif isinstance(v, int) and not isinstance(v, bool) and f.name in _INT_LIMITS:
+                check_int_range(f.name, v, *_INT_LIMITS[f.name])
+        for b in cfg.betas:
+            check_finite("betas", b)
+        for k, v in cfg.model.items():
+            if isinstance(v, float):
+                check_finite(k, v)
+        if cfg.lr * cfg.weight_decay >= 1:
+            raise UsageError(f"lr * weight_decay must be < 1 (AdamW multiplies the weights by 1 - lr * weight_decay "
+                             f"each step), got lr {cfg.lr} x weight_decay {cfg.weight_decay}")
+    except UsageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def estimate_train_bytes(mc: GPTConfig, batch_size: int, backend: str) -> int:
+    """A lower bound of the memory one training step of ``mc`` needs: fp32 weights, gradients and
+    the two AdamW moments (16 bytes a parameter), plus a few fp32 activations per layer and token,
+    plus the full logits where the backend materializes them and the T x T scores of reference attention."""
+    B, T, C, L, V = batch_size, mc.context_length, mc.emb_dim, mc.n_layers, mc.vocab_size
+    params = V * C + (T * C if mc.pos_emb == "learned" else 0) + L * (4 + 2 * mc.ff_mult) * C * C
+    acts = 4 * B * T * C * L * 4
+    if backend != "triton":
+        acts += 4 * B * T * V
+    if backend == "reference":
+        acts += 4 * B * mc.n_heads * T * T
+    return 16 * params + acts
+
+
 # ---- the trainer ------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, dist_: _Dist, resume_hint: Optional[str] = None):
@@ -573,7 +673,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         ck = self._find_resume()
         self.data = self._prepare_data()
+        if ck is not None or cfg.init_from == "scratch":  # sizes known before a byte is allocated
+            try:
+                mc = ck.model_config if ck is not None else GPTConfig.from_preset(cfg.preset, **cfg.model)
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{ck.path}/meta.json: invalid model_config ({e})") from None
+            self._check_fits(mc)
         self.model = self._build_model(ck)
+        self._check_fits(self.model.config)
         self.T = self.model.config.context_length
         if self.model.config.vocab_size < self.data.manifest["n_vocab"]:
             self.data.check_vocab(self.model.config.vocab_size)
@@ -637,23 +744,48 @@ class Trainer:
             print(msg, flush=True)
 
     def _find_resume(self):
-        cfg = self.cfg
+        cfg, out = self.cfg, self.out_dir
+        if cfg.resume == "auto" and cfg.overwrite:
+            raise ConfigError("--resume auto continues the run in --out-dir and --overwrite starts a new one "
+                              "there: give one of them")
+        contents = run_contents(out)
         if cfg.resume is None:
-            latest = find_latest(self.out_dir)
-            if latest is not None:
+            if contents and not cfg.overwrite:
+                shown = ", ".join(contents[:6]) + (f" and {len(contents) - 6} more" if len(contents) > 6 else "")
                 raise ConfigError(
-                    f"{self.out_dir} already holds a run (latest checkpoint {latest.name}); continue it with "
-                    f"--resume auto, or give a fresh --out-dir (nothing was overwritten)"
-                )
+                    f"{out} is not empty ({shown}); continue the run in it with --resume auto, start a new run "
+                    f"there with --overwrite (deletes its ckpt-*, best/, latest, metrics.jsonl and loss.png), or "
+                    f"give a fresh --out-dir (nothing was changed)")
             return None
         if cfg.resume == "auto":
-            path = find_latest(self.out_dir)
-            if path is None:
-                self.log(f"--resume auto: no checkpoint in {self.out_dir}; starting a new run")
+            states = resumable_states(out)
+            if not states:
+                partial = [c for c in contents if c.startswith("ckpt-") or c in ("best", "latest")]
+                if partial:
+                    raise ConfigError(
+                        f"--resume auto: {out} holds {', '.join(partial)} but no complete checkpoint (meta.json, "
+                        f"model.safetensors and state.pt) to resume from; resume from a checkpoint elsewhere with "
+                        f"--resume PATH, or start a new run with --overwrite (nothing was changed)")
+                self.log(f"--resume auto: no checkpoint in {out}; starting a new run"
+                         + (" (metrics.jsonl is kept and appended to)" if "metrics.jsonl" in contents else ""))
                 return None
-        else:
-            path = resolve_checkpoint(cfg.resume)
-        return load_checkpoint(path, map_location="cpu")
+            try:
+                return load_checkpoint(states[0].path, map_location="cpu")
+            except CheckpointError as e:
+                nxt = (f"; the next complete state is {states[1].path} (step {states[1].step}): resume it with "
+                       f"--resume {shlex.quote(str(states[1].path))}" if len(states) > 1 else "")
+                raise CheckpointError(f"{e}{nxt} (nothing was changed)") from None
+        ck = load_checkpoint(resolve_checkpoint(cfg.resume), map_location="cpu")
+        step = ck.meta.get("step")
+        later = [s for s in resumable_states(out)
+                 if isinstance(step, int) and s.step > step and s.path.resolve() != ck.path.resolve()]
+        if later and not cfg.overwrite:
+            raise ConfigError(
+                f"{out} holds later states than {ck.path} (step {step}): "
+                f"{', '.join(f'{s.path.name} (step {s.step})' for s in later)}; the run would replace them. "
+                f"Resume the newest with --resume auto, give another --out-dir, or add --overwrite to replace "
+                f"them (nothing was changed)")
+        return ck
 
     def _prepare_data(self):
         cfg = self.cfg
@@ -708,7 +840,7 @@ class Trainer:
                 f"--init-from {name}: not a gptcore checkpoint, and loading GPT-2 / Hugging Face weights needs "
                 f"gptcore.hf, which could not be imported ({e})"
             ) from None
-        model = load_pretrained(name)
+        model = load_pretrained(name, trust_pickle=self.cfg.trust_pickle)
         if not isinstance(model, GPT):
             raise TypeError(f"gptcore.hf.load_pretrained({name!r}) returned {type(model).__name__}, not a GPT")
         return model.set_backend(self.backend)
@@ -741,7 +873,7 @@ class Trainer:
         if changed:
             self._resume_notes.append("warning: " + ", ".join(changed) + ": the run goes on but will not "
                                       "reproduce the uninterrupted one")
-        other = [k for k in new if k not in repro and k not in ("resume", "model", "preset", "init_from")
+        other = [k for k in new if k not in repro and k not in ("resume", "overwrite", "model", "preset", "init_from")
                  and old.get(k) != new[k]]
         if other:
             self._resume_notes.append("changed since the checkpoint: " +
@@ -771,6 +903,9 @@ class Trainer:
         st = ck.state
         if st is None:
             raise CheckpointError(f"{ck.path} holds weights only (no state.pt): use --init-from to start from it")
+        if not isinstance(st, dict):
+            raise CheckpointError(f"{ck.path}/state.pt holds a {type(st).__name__}, not a gptcore state (a dict of "
+                                  f"optimizer, step, tokens, rng): use another checkpoint")
         if ck.meta.get("data_hash") != self.data.hash:
             self._resume_notes.append(
                 f"warning: the data differs from the checkpoint's (manifest hash {str(ck.meta.get('data_hash'))[:12]} "
@@ -780,13 +915,29 @@ class Trainer:
             after_load_state_dict(self.optimizer, self.cfg.lr)  # this device's AdamW flags, lr and step tensors
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
             raise CheckpointError(f"{ck.path}/state.pt: optimizer state does not fit this model ({e})") from None
         for g, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0)):
             g["betas"], g["weight_decay"] = self.cfg.betas, wd  # this run's settings win
-        self.step, self.tokens = int(st["step"]), int(st["tokens"])
-        self.best_val = st.get("best_val")
-        restore_rng(st["rng"])
+        try:
+            self.step, self.tokens = int(st["step"]), int(st["tokens"])
+            self.best_val = st.get("best_val")
+            if self.best_val is not None:
+                self.best_val = float(self.best_val)
+            rng = st["rng"]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{ck.path}/state.pt lacks or garbles the step, tokens, best_val or rng state "
+                                  f"({type(e).__name__}: {e}); use another checkpoint") from None
+        best = best_state(self.out_dir)
+        if best is not None and best.val_loss is not None and (self.best_val is None or best.val_loss < self.best_val):
+            # best/ holds a better model than this state knew of (an explicit --resume of an older
+            # checkpoint): only a model better than that one replaces it
+            self.best_val = best.val_loss
+        try:
+            restore_rng(rng)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+            raise CheckpointError(f"{ck.path}/state.pt: its RNG state cannot be restored ({type(e).__name__}: "
+                                  f"{e}); use another checkpoint") from None
         self.last_ckpt = ck.path
         if self.dist.main:
             newer = [p.name for p in self.out_dir.glob("ckpt-*") if p.name > f"ckpt-{self.step:07d}"]
@@ -804,28 +955,68 @@ class Trainer:
             return math.ceil(cfg.epochs * self.data.manifest["train_tokens"] / self.tokens_per_step)
         return DEFAULT_MAX_STEPS
 
+    def _check_fits(self, mc: GPTConfig) -> None:
+        """Refuse, before allocating, a model and batch that cannot fit this device at all."""
+        c = self.cfg
+        need = estimate_train_bytes(mc, c.batch_size, self.backend)
+        try:
+            refuse_if_too_big(f"training {mc.n_layers} layers x width {mc.emb_dim} (vocab {mc.vocab_size}) at "
+                              f"batch_size {c.batch_size} x context_length {mc.context_length}", need, self.device,
+                              "lower --batch-size (raise --grad-accum to keep the global batch), shorten "
+                              "--context-length, or pick a smaller model")
+        except UsageError as e:
+            raise ConfigError(str(e)) from None
+
     def _eval_batches(self) -> list:
         n_val = len(self.data.splits["val"])
         if n_val < self.T + 1:
             self.log(f"warning: the val split has {n_val} tokens, fewer than one window of {self.T + 1}: "
                      f"no evaluation and no best/ checkpoint (raise --val-fraction or add data)")
             return []
+        c = self.cfg
+        need = c.eval_steps * c.batch_size * self.T * 16  # x and y, int64
+        try:
+            refuse_if_too_big(f"--eval-steps {c.eval_steps} (held-out batches of {c.batch_size} x {self.T} tokens, "
+                              f"kept in memory)", need, "cpu", "lower --eval-steps")
+        except UsageError as e:
+            raise ConfigError(str(e)) from None
         gen = torch.Generator().manual_seed(EVAL_SEED)
-        return [self.data.get_batch("val", self.cfg.batch_size, self.T, gen) for _ in range(self.cfg.eval_steps)]
+        steps = range(c.eval_steps)
+        if self.dist.main and c.progress and c.eval_steps >= 200:
+            from tqdm.auto import tqdm
+
+            steps = tqdm(steps, desc="eval batches", leave=False, dynamic_ncols=True)
+        out = []
+        for _ in steps:
+            out.append(self.data.get_batch("val", c.batch_size, self.T, gen))
+        return out
+
+    def stop_after_eval(self, signum: int) -> TrainResult:
+        """A signal stopped an evaluation: save the state of the last finished step, say how to resume."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.last_ckpt is None or self.last_ckpt.name != f"ckpt-{self.step:07d}":
+            self.save()
+        if self.dist.main:
+            self.log(f"gptcore.train: {signal.Signals(signum).name} during the evaluation at step {self.step}: "
+                     f"stopped without its val loss")
+            self._summary({}, {}, 0.0, signum)
+        return TrainResult(self.out_dir, self.step, self.tokens, {}, {}, self.best_val, self.last_ckpt, signum)
 
     def _open_metrics(self) -> None:
+        """metrics.jsonl is appended to, never truncated: a row {"kind": "run"} marks where this run
+        starts (step 0) or resumes (its step); rundir.read_metrics applies it."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cfg.overwrite and self.cfg.resume is None:
+            removed = overwrite(self.out_dir)
+            if removed:
+                self.log(f"--overwrite: removed {', '.join(removed)} from {self.out_dir}")
         for p in remove_stale_temps(self.out_dir):
             self.log(f"removed {p.name}, left by an interrupted save")
-        keep = []
-        if self.step > 0 and self.metrics_path.exists():
-            for line in self.metrics_path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= self.step:
-                        keep.append(line + "\n")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line from a killed run
-        self.metrics_path.write_text("".join(keep))
+        append_run_marker(self.metrics_path, {"event": "resume" if self.step else "start", "step": self.step,
+                                              "from": str(self.last_ckpt) if self.step else None,
+                                              "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     def _metric(self, row: dict) -> None:
         if self.dist.main:
@@ -983,11 +1174,29 @@ class Trainer:
             return None
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for i in range(self.dist.rank, len(self.eval_batches), self.dist.world):
+        idx = range(self.dist.rank, len(self.eval_batches), self.dist.world)
+        bar = None
+        if self.dist.main and len(idx) >= 50:  # long evaluations show progress at once
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(idx), desc="eval", leave=False, dynamic_ncols=True, disable=not self.cfg.progress)
+            self.log(f"evaluating {len(self.eval_batches)} batches (--eval-steps); Ctrl-C / SIGTERM stops "
+                     f"after the current batch")
+        for i in idx:
+            stopper = _GracefulStop.active
+            if stopper is not None and stopper.signum is not None and not self.ddp:
+                if bar is not None:
+                    bar.close()
+                self.model.train()
+                raise _StoppedInEval(stopper.signum)
+            if bar is not None:
+                bar.update(1)
             x, y = (t.to(self.device) for t in self.eval_batches[i])
             with self.autocast():
                 tot[0] += self.model.loss(x, y).double()
             tot[1] += 1
+        if bar is not None:
+            bar.close()
         if self.ddp:
             dist.all_reduce(tot)
         self.model.train()
@@ -1187,15 +1396,26 @@ class Trainer:
 
 
 def train(cfg: TrainConfig, resume_hint: Optional[str] = None) -> TrainResult:
-    """Run (or continue) training as configured; see the module docstring."""
+    """Run (or continue) training as configured; see the module docstring. The process owns
+    cfg.out_dir (gptcore.rundir.RunLock) from before it looks inside until it returns."""
+    check_backend(cfg.backend)
     d = _setup_dist(cfg.device)
+    lock = RunLock(cfg.out_dir, resume_hint) if d.main else None
     try:
+        if lock is not None:
+            lock.acquire()
+            if lock.note:
+                print(lock.note, flush=True)
         trainer = Trainer(cfg, d, resume_hint)
         try:
             return trainer.run()
         except torch.cuda.OutOfMemoryError:
             raise TrainingError(trainer._oom_message()) from None
+        except _StoppedInEval as e:
+            return trainer.stop_after_eval(e.signum)
     finally:
+        if lock is not None:
+            lock.release()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1208,8 +1428,8 @@ def resume_command(argv: list[str]) -> str:
         if a == "--resume":
             if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 i += 1
-        elif not a.startswith("--resume="):
-            args.append(a)
+        elif not a.startswith("--resume=") and a not in ("--overwrite", "--no-overwrite"):
+            args.append(a)  # --overwrite started the run; the resume must not start it over
         i += 1
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -1222,29 +1442,42 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(head + args + ["--resume", "auto"])
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
+    cfg = None
     try:
         cfg = parse_args(argv)
         result = train(cfg, resume_command(argv))
     except ConfigError as e:
+        if debug_enabled(argv):
+            raise
         print(f"gptcore.train: config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError) as e:
+    except TrainingError as e:  # the run started and failed: status 1, the checkpoint named
+        if debug_enabled(argv):
+            raise
         print(f"gptcore.train: error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
+        if debug_enabled(argv) or cfg is None:
+            raise
         print(f"gptcore.train: error: out of GPU memory while setting up (batch_size {cfg.batch_size}, "
               f"grad_accum {cfg.grad_accum}). To fit: lower --batch-size (raise --grad-accum to keep the global "
               f"batch), add --grad-checkpointing, use --dtype bf16, shorten --context-length, or train with FSDP",
               file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
-        print("gptcore.train: interrupted twice: stopped at once, no checkpoint of this step", file=sys.stderr)
+        if debug_enabled(argv):
+            raise
+        print("gptcore.train: interrupted: stopped at once, no checkpoint of this step", file=sys.stderr)
         return 130
     if result.stopped_by is not None:
         return 128 + int(result.stopped_by)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status: see the module docstring; bad data, checkpoints, paths and run dirs are 2."""
+    return run_cli("gptcore.train", _main, argv)
 
 
 if __name__ == "__main__":

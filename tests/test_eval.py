@@ -120,5 +120,5 @@ def test_cli_errors(ckpt, capsys, tmp_path, what, message):
     else:
         (tmp_path / "latin1.txt").write_bytes(b"caf\xe9 " * 20)
         args += ["--file", str(tmp_path / "latin1.txt")]
-    assert E.main(args) == 1
+    assert E.main(args) == 2
     assert message in capsys.readouterr().err

@@ -253,7 +253,7 @@ def test_bad_data_is_a_clear_error(tmp_path, capsys, content, message):
     if content is not None:
         f.write_bytes(content)
     rc = T.main(MICRO + ["--data", str(f), "--max-steps", "1", "--out-dir", str(tmp_path / "o")])
-    assert rc == 1
+    assert rc == 2
     assert message in capsys.readouterr().err
 
 
@@ -274,18 +274,19 @@ def test_mismatch_and_corruption_are_errors_and_overwrite_nothing(tmp_path, caps
     capsys.readouterr()
 
     assert T.main(base) == 2  # a new run into a used out_dir
-    assert "already holds a run" in capsys.readouterr().err
-    assert T.main(base + ["--resume", "auto", "--n-layers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "is not empty" in err and "--resume auto" in err and "--overwrite" in err
+    assert T.main(base + ["--resume", "auto", "--n-layers", "2"]) == 2
     err = capsys.readouterr().err
     assert "n_layers: checkpoint 1, now 2" in err and "nothing was overwritten" in err
-    assert T.main(base + ["--resume", "auto", "--vocab-size", "50304"]) == 1
+    assert T.main(base + ["--resume", "auto", "--vocab-size", "50304"]) == 2
     assert "vocab_size: checkpoint '(preset)', now 50304" in capsys.readouterr().err
     assert snapshot(out) == before
 
     model_file = out / "ckpt-0000002" / "model.safetensors"
     model_file.write_bytes(model_file.read_bytes()[:-100])
     before = snapshot(out)
-    assert T.main(base + ["--resume", "auto"]) == 1
+    assert T.main(base + ["--resume", "auto"]) == 2
     assert "truncated" in capsys.readouterr().err
     assert snapshot(out) == before
 
