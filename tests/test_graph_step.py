@@ -45,7 +45,8 @@ def metrics(out: Path, key="loss") -> dict:
 
 
 def untimed(out: Path) -> list:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows(out)]
+    # run markers ({"kind": "run"}: pid, wall time) differ between any two runs by design
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows(out) if r.get("kind") != "run"]
 
 
 # ---- the decision (CPU) ---------------------------------------------------------------------------------
