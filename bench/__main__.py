@@ -1,6 +1,6 @@
 """The benchmark suite's command line.
 
-    python -m bench [kernels|train|generate|all] [--quick] [--out DIR] [--preset NAME] ...
+    python -m bench [kernels|train|generate|finetune|all] [--quick] [--out DIR] [--preset NAME] ...
 
 First prints this GPU's measured ceilings (copy GB/s, bf16 matmul TFLOP/s), then runs each area's
 modules (imported lazily; a module that is absent or fails is reported and the run goes on):
@@ -8,6 +8,7 @@ modules (imported lazily; a module that is absent or fails is reported and the r
     kernels    bench.kernels_norm, bench.kernels_attention, bench.kernels_kv   (CUDA GPU only)
     train      bench.train_step
     generate   bench.generate
+    finetune   bench.finetune   (LoRA / full SFT step vs HF+PEFT and the pretraining step)
 
 Each module has ``run(quick=False, ...) -> list[dict]`` (row schema: bench/README.md). Output: a
 table per area on the terminal, one JSON with every row plus GPU, versions, date, git commit and
@@ -31,11 +32,12 @@ from bench import harness, plots
 
 # Row defaults for modules that leave out a schema key (see bench/README.md).
 DEFAULT_AREA = {"bench.kernels_norm": "norm", "bench.kernels_attention": "attention", "bench.kernels_kv": "kv",
-                "bench.train_step": "train", "bench.generate": "generate"}
+                "bench.train_step": "train", "bench.generate": "generate", "bench.finetune": "finetune"}
 AREAS = {
     "kernels": ("bench.kernels_norm", "bench.kernels_attention", "bench.kernels_kv"),
     "train": ("bench.train_step",),
     "generate": ("bench.generate",),
+    "finetune": ("bench.finetune",),
 }
 COLUMNS = ("op", "impl", "shape", "ms", "host_ms", "ms_gc_frozen", "TFLOPs", "GBps", "tokens_per_s", "peak_GiB", "pct_of_ceiling",
            "MFU_nominal_pct", "ratio_vs_best_ref", "max_T", "skipped", "error")

@@ -64,7 +64,7 @@ from gptcore.data import DataError
 from gptcore.lora import (LoRAError, VALID_TARGETS, apply_lora, base_fingerprint, cast_base, check_rank,
                           lora_parameters, merge_lora, parse_targets, save_adapter)
 from gptcore.model import GPT
-from gptcore.sft_data import BUILTIN, DATASETS, TEMPLATES, exact_match, generate_responses, prepare_sft, answer_of
+from gptcore.sft_data import BUILTIN, DATASETS, TASKS, TEMPLATES, exact_match, generate_responses, prepare_sft, answer_of
 from gptcore.train import ConfigError, TrainConfig, TrainingError, _opt
 
 DEFAULT_LORA_RANK = 8
@@ -106,6 +106,8 @@ class FinetuneConfig(TrainConfig):
     skip_invalid: bool = _opt(False, "drop malformed records (missing fields, empty outputs) and report how many, "
                               "instead of stopping with an error naming the first", "sft")
     n_tasks: int = _opt(2000, f"records of the built-in '{BUILTIN}' set", "sft")
+    tasks: str = _opt(",".join(TASKS), f"comma-separated puzzles of the built-in '{BUILTIN}' set: "
+                      f"{', '.join(TASKS)}", "sft")
     eval_samples: int = _opt(3, "held-out records whose greedy responses are printed and logged at each "
                              "evaluation", "sft")
     exact_match: Optional[int] = _opt(None, "held-out records scored by exact match of the greedy response, "
@@ -261,7 +263,7 @@ class FineTuner(T.Trainer):
             self.dist.barrier()
         data = prepare_sft(cfg.data, template=cfg.template, val_fraction=cfg.val_fraction,
                            pad_multiple=cfg.pad_multiple, pad_to=cfg.pad_to, skip_invalid=cfg.skip_invalid,
-                           n_tasks=cfg.n_tasks)
+                           n_tasks=cfg.n_tasks, tasks=[t.strip() for t in cfg.tasks.split(",") if t.strip()])
         if self.dist.main:
             self.dist.barrier()
             if data.skipped:

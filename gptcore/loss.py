@@ -117,11 +117,12 @@ def _padded_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
                    chunk_rows: int, impl: str, compute_dtype: torch.dtype,
-                   compute_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   compute_grads: bool, grad_weight: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """h (N, C), weight (V, C), target (N,) -> (loss fp32 scalar, grad_h (N, C) fp32, grad_w (V, C) fp32).
 
     The gradients are d loss / d h and d loss / d weight for an incoming gradient of 1 (empty
-    tensors when compute_grads is False).
+    tensors when compute_grads is False; grad_w zeros (V, C) when grad_weight is False: a frozen
+    LM head, as under LoRA, skips the weight-gradient matmul and its fp32 buffer).
     """
     N, C = h.shape
     V = weight.shape[0]
@@ -139,6 +140,7 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
             step(logits[:, :V], target[s:e], ignore_index, loss_rows[s:e])
             if compute_grads:
                 grad_h[s:e] = _mm_f32(logits, w)  # (n, C); the zero columns meet zero rows
+            if compute_grads and grad_weight:
                 # d weight over all Vp rows, not the [:V] slice: with V = 50257 rows cuBLAS picked
                 # an sm80 CUTLASS kernel for the slice (0.79 ms per 4096-row chunk on an H100)
                 # and a Hopper kernel for Vp (0.57 ms; 0.49 ms for the first chunk's plain mm)
@@ -148,6 +150,8 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                     _addmm_f32_(grad_w, logits.t(), hc)
             del logits
         if not compute_grads:
+            grad_w = h.new_empty((0,), dtype=torch.float32)
+        elif not grad_weight:
             grad_w = h.new_empty((0,), dtype=torch.float32)
         elif grad_w is None:  # no rows
             grad_w = torch.zeros((V, C), dtype=torch.float32, device=h.device)
@@ -161,30 +165,49 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                 # gradients are zero when every row is ignored, as F.cross_entropy
                 scale = 1.0 / n_valid.clamp_min(1).to(torch.float32)
                 grad_h *= scale
-                grad_w *= scale
+                if grad_weight:
+                    grad_w *= scale
     return loss, grad_h, grad_w
 
 
 def _fused_forward_fake(h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype,
-                        compute_grads):
+                        compute_grads, grad_weight=True):
     f32 = dict(dtype=torch.float32, device=h.device)
     if not compute_grads:
         return h.new_empty((), **f32), h.new_empty((0,), **f32), h.new_empty((0,), **f32)
-    return h.new_empty((), **f32), h.new_empty(h.shape, **f32), h.new_empty(weight.shape, **f32)
+    gw = h.new_empty(weight.shape if grad_weight else (0,), **f32)
+    return h.new_empty((), **f32), h.new_empty(h.shape, **f32), gw
 
 
 def _fused_backward(grad_loss: Tensor, h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                     reduction: str, chunk_rows: int, impl: str, compute_dtype: torch.dtype,
-                    compute_grads: bool, grad_h: Tensor, grad_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                    compute_grads: bool, grad_weight: bool, grad_h: Tensor,
+                    grad_w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(d h, d weight, unused d target) = the stored gradients times the incoming scalar gradient."""
     if not compute_grads:
         raise RuntimeError("linear_cross_entropy: backward through a call made without gradients "
                            "(inputs did not require grad, or grad mode was off)")
-    return (grad_h * grad_loss).to(h.dtype), (grad_w * grad_loss).to(weight.dtype), grad_loss.new_empty(0)
+    if not grad_weight:
+        gw = _frozen_weight_grad(weight)
+    else:
+        gw = (grad_w * grad_loss).to(weight.dtype)
+    return (grad_h * grad_loss).to(h.dtype), gw, grad_loss.new_empty(0)
+
+
+def _frozen_weight_grad(weight: Tensor) -> Tensor:
+    # the backward contract wants a tensor of weight's shape; it is dropped (weight needs no grad),
+    # so a broadcast zero stands in: no (V, C) memory at the backward's peak
+    return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+
+
+def _fused_backward_fake(grad_loss, h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype,
+                         compute_grads, grad_weight, grad_h, grad_w):
+    gw = torch.empty_like(weight) if grad_weight else _frozen_weight_grad(weight)
+    return torch.empty_like(h), gw, grad_loss.new_empty(0)
 
 
 _fused = autograd_op("gptcore::linear_cross_entropy", _fused_forward, _fused_backward, n_outputs=1,
-                     forward_fake=_fused_forward_fake)
+                     forward_fake=_fused_forward_fake, backward_fake=_fused_backward_fake)
 
 
 # ---- public entry point ------------------------------------------------------------------------
@@ -240,4 +263,5 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
     else:
         compute_dtype = torch.promote_types(h.dtype, weight.dtype)
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _fused(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need)
+    return _fused(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need,
+                  need and weight.requires_grad)

@@ -481,13 +481,16 @@ def _store_cache(root: Path, key: str, tok: Tokenized, kept: list[int], skipped:
 
 def prepare_sft(spec: str = BUILTIN, template: str = "auto", val_fraction: float = 0.1, pad_multiple: int = 64,
                 pad_to: str = "batch", skip_invalid: bool = False, n_tasks: int = 2000, task_seed: int = 0,
-                cache: bool = True) -> SFTData:
+                tasks: Sequence[str] = TASKS, cache: bool = True) -> SFTData:
     """Read, check, tokenize (once, cached) and split an instruction set: a .json/.jsonl path, or
     "tasks" (``n_tasks`` generated puzzles from ``task_seed``)."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if spec == BUILTIN:
-        records = generate_tasks(n_tasks, seed=task_seed)
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise DataError(f"unknown built-in task(s) {bad}; choose from {', '.join(TASKS)}")
+        records = generate_tasks(n_tasks, seed=task_seed, tasks=tasks)
         raw = json.dumps(records).encode()
         label, where = BUILTIN, f"{BUILTIN} (generated)"
     else:

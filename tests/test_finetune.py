@@ -332,3 +332,25 @@ def test_the_offline_default_improves_held_out_exact_match(tmp_path, capsys):
     assert res.exact_match_before is not None and res.exact_match_after is not None
     assert res.exact_match_after >= res.exact_match_before + 0.15, (res.exact_match_before, res.exact_match_after)
     assert "held-out exact match:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_fused_loss_with_a_frozen_lm_head(weight_grad):
+    # under LoRA the tied LM head is frozen: the fused op skips its weight gradient (and buffer)
+    from gptcore.loss import _fused, linear_cross_entropy, linear_cross_entropy_ref
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, 8, generator=g, requires_grad=True)
+    w = torch.randn(13, 8, generator=g).requires_grad_(weight_grad)
+    y = torch.randint(0, 13, (9,), generator=g)
+    y[2] = IGNORE_INDEX
+    torch.library.opcheck(_fused.forward_op, (h, w, y, -100, "mean", 4, "torch", torch.float32, True, weight_grad))
+    linear_cross_entropy(h, w, y, chunk_rows=4).backward()
+    got_h, got_w = h.grad.clone(), None if w.grad is None else w.grad.clone()
+    h.grad, w.grad = None, None
+    linear_cross_entropy_ref(h, w, y).backward()
+    torch.testing.assert_close(got_h, h.grad)
+    if weight_grad:
+        torch.testing.assert_close(got_w, w.grad)
+    else:
+        assert got_w is None
