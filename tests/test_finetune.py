@@ -354,3 +354,17 @@ def test_fused_loss_with_a_frozen_lm_head(weight_grad):
         torch.testing.assert_close(got_w, w.grad)
     else:
         assert got_w is None
+
+
+@pytest.mark.slow
+def test_bench_finetune_smoke_writes_json(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "-m", "bench.finetune", "--quick", "--configs", "full-sft-rows,lora",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(next(tmp_path.glob("finetune-*.json")).read_text())
+    rows = {r["impl"]: r for r in res["rows"]}
+    assert set(rows) == {"full-sft-rows", "lora"} and all(r["tokens_per_s"] > 0 for r in rows.values())
+    assert rows["lora"]["trainable_params"] < rows["full-sft-rows"]["trainable_params"] / 50
