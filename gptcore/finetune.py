@@ -82,8 +82,8 @@ class FinetuneConfig(TrainConfig):
                                     shown=f"{T.DEFAULT_MAX_STEPS} when neither --max-tokens nor --epochs is given")
     epochs: Optional[float] = _opt(None, "train for this many passes over the train records", "batch")
     batch_size: int = _opt(16, "records per micro-batch per process", "batch")
-    lr: float = _opt(3e-3, "peak learning rate (AdamW); for LoRA on GPT-2 ~2e-4..1e-3, for full SFT of a "
-                     "pretrained model ~1e-5..5e-5", "optimizer")
+    lr: Optional[float] = _opt(None, "peak learning rate (AdamW)", "optimizer",
+                               shown="1e-2 from scratch; with --init-from 3e-4 for LoRA, 5e-5 for full SFT")
     warmup_steps: int = _opt(10, "linear warmup steps", "optimizer")
     weight_decay: float = _opt(0.0, "AdamW weight decay (matrices and embeddings; LoRA factors are matrices)",
                                "optimizer")
@@ -131,6 +131,8 @@ class FinetuneConfig(TrainConfig):
                            "memory; needs --dtype bf16)", "lora", choices=["fp32", "bf16"])
 
     def validate(self) -> None:
+        if self.lr is None:  # resolved here, so checkpoints and the printed config hold the number
+            self.lr = 1e-2 if self.init_from == "scratch" else (3e-4 if self.rank > 0 else 5e-5)
         super().validate()
         if self.pad_multiple < 1:
             raise ConfigError(f"pad_multiple must be >= 1, got {self.pad_multiple}")

@@ -281,7 +281,9 @@ def generate_tasks(n: int, seed: int = 0, tasks: Sequence[str] = TASKS, min_word
             ans = words[-1]
         else:
             ans = _NUMBERS[len(words)]
-        out.append({"instruction": _TASK_TEXT[task], "input": " ".join(words), "output": ans})
+        # "Words:" / "Answer:" put a space before every word, so each word is the same single
+        # token in the input and in the answer: the task is copying, not respelling
+        out.append({"instruction": _TASK_TEXT[task], "input": "Words: " + " ".join(words), "output": "Answer: " + ans})
     return out
 
 
