@@ -47,8 +47,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import shlex
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -62,7 +60,7 @@ from gptcore.checkpoint import CheckpointError, atomic_write_text, load_weights,
 from gptcore.config import GPTConfig
 from gptcore.data import DataError
 from gptcore.lora import (LoRAError, VALID_TARGETS, apply_lora, base_fingerprint, cast_base, check_rank,
-                          lora_parameters, merge_lora, parse_targets, save_adapter)
+                          merge_lora, parse_targets, save_adapter)
 from gptcore.model import GPT
 from gptcore.sft_data import BUILTIN, DATASETS, TASKS, TEMPLATES, exact_match, generate_responses, prepare_sft, answer_of
 from gptcore.train import ConfigError, TrainConfig, TrainingError, _opt
