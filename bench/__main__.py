@@ -1,6 +1,6 @@
 """The benchmark suite's command line.
 
-    python -m bench [kernels|train|generate|host|serve|all] [--quick] [--out DIR] [--preset NAME] ...
+    python -m bench [kernels|train|generate|host|serve|finetune|all] [--quick] [--out DIR] [--preset NAME] ...
 
 First prints this GPU's measured ceilings (copy GB/s, bf16 matmul TFLOP/s), then runs each area's
 modules (imported lazily; a module that is absent or fails is reported and the run goes on):
@@ -10,6 +10,7 @@ modules (imported lazily; a module that is absent or fails is reported and the r
     generate   bench.generate
     host       bench.host_cost    host us per op call, gptcore beside its torch twin (CUDA GPU only)
     serve      bench.serve     (continuous batching vs static Generator batches, one request set)
+    finetune   bench.finetune   (LoRA / full SFT step vs HF+PEFT and the pretraining step)
 
 Each module has ``run(quick=False, ...) -> list[dict]`` (row schema: bench/README.md). Output: a
 table per area on the terminal, one JSON with every row plus GPU, versions, date, git commit and
@@ -34,13 +35,14 @@ from bench import harness, plots
 # Row defaults for modules that leave out a schema key (see bench/README.md).
 DEFAULT_AREA = {"bench.kernels_norm": "norm", "bench.kernels_attention": "attention", "bench.kernels_kv": "kv",
                 "bench.train_step": "train", "bench.generate": "generate", "bench.host_cost": "host",
-                "bench.serve": "serve"}
+                "bench.serve": "serve", "bench.finetune": "finetune"}
 AREAS = {
     "kernels": ("bench.kernels_norm", "bench.kernels_attention", "bench.kernels_kv"),
     "train": ("bench.train_step",),
     "generate": ("bench.generate",),
     "host": ("bench.host_cost",),
     "serve": ("bench.serve",),
+    "finetune": ("bench.finetune",),
 }
 COLUMNS = ("op", "impl", "shape", "ms", "host_ms", "host_us", "ratio_vs_torch", "ms_gc_frozen", "TFLOPs", "GBps", "tokens_per_s", "peak_GiB", "pct_of_ceiling",
            "MFU_nominal_pct", "ratio_vs_best_ref", "max_T", "skipped", "error")

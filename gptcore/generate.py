@@ -13,6 +13,7 @@ CLI (``python -m gptcore.generate --help`` explains every flag):
     python -m gptcore.generate --preset tiny --prompt "Hello" --max-new-tokens 20
     python -m gptcore.generate --ckpt out/ckpt.pt --prompt "Once upon a time" --stream --top-k 50
     python -m gptcore.generate --preset tiny --prompt-ids 1,2,3 --num-beams 4 --max-new-tokens 8
+    python -m gptcore.generate --ckpt BASE --adapter out-sft/adapter --prompt "..."   # a LoRA adapter, unmerged
 
 How a call runs:
   prefill  prompts are right-padded to the longest and run through the model once, writing every
@@ -656,6 +657,12 @@ def _parse_args(argv=None):
     src.add_argument("--ckpt", metavar="PATH", help="checkpoint to load (gptcore.checkpoint.load_model)")
     src.add_argument("--preset", choices=sorted(PRESETS),
                      help="build this preset with random weights (seeded by --seed), e.g. to measure speed")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as gptcore.finetune "
+                        "or HF PEFT writes it) to run on top of the model, unmerged")
+    p.add_argument("--adapter-any-base", action="store_true",
+                   help="apply --adapter even if its recorded base weights differ from this model's (same "
+                        "architecture); without it that is an error")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="prompt text; repeat the flag for several prompts, which run as one batch")
     p.add_argument("--prompt-file", action="append", default=[], metavar="PATH",
@@ -786,6 +793,13 @@ def _main(argv) -> int:
                           "pick a smaller --preset")
         torch.manual_seed(0 if args.seed is None else args.seed)
         model = GPT(cfg, backend=args.backend or default_backend(device))
+    if args.adapter:
+        from gptcore.lora import LoRAError, load_adapter
+
+        try:
+            load_adapter(model, args.adapter, allow_other_base=args.adapter_any_base)
+        except LoRAError as e:
+            raise UsageError(f"--adapter: {e}") from None
     model = model.to(device=device, dtype=dtype).eval()
     cfg = model.config
     longest = max(len(p) for p in batch)

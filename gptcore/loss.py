@@ -117,11 +117,12 @@ def _padded_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int, reduction: str,
                    chunk_rows: int, impl: str, compute_dtype: torch.dtype,
-                   compute_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   compute_grads: bool, grad_weight: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """h (N, C), weight (V, C), target (N,) -> (loss fp32 scalar, grad_h (N, C) fp32, grad_w (V, C) fp32).
 
     The gradients are d loss / d h and d loss / d weight for an incoming gradient of 1 (empty
-    tensors when compute_grads is False).
+    tensors when compute_grads is False; grad_w zeros (V, C) when grad_weight is False: a frozen
+    LM head, as under LoRA, skips the weight-gradient matmul and its fp32 buffer).
     """
     N, C = h.shape
     V = weight.shape[0]
@@ -139,6 +140,7 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
             step(logits[:, :V], target[s:e], ignore_index, loss_rows[s:e])
             if compute_grads:
                 grad_h[s:e] = _mm_f32(logits, w)  # (n, C); the zero columns meet zero rows
+            if compute_grads and grad_weight:
                 # d weight over all Vp rows, not the [:V] slice: with V = 50257 rows cuBLAS picked
                 # an sm80 CUTLASS kernel for the slice (0.79 ms per 4096-row chunk on an H100)
                 # and a Hopper kernel for Vp (0.57 ms; 0.49 ms for the first chunk's plain mm)
@@ -148,6 +150,8 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                     _addmm_f32_(grad_w, logits.t(), hc)
             del logits
         if not compute_grads:
+            grad_w = h.new_empty((0,), dtype=torch.float32)
+        elif not grad_weight:
             grad_w = h.new_empty((0,), dtype=torch.float32)
         elif grad_w is None:  # no rows
             grad_w = torch.zeros((V, C), dtype=torch.float32, device=h.device)
@@ -161,16 +165,18 @@ def _fused_forward(h: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
                 # gradients are zero when every row is ignored, as F.cross_entropy
                 scale = 1.0 / n_valid.clamp_min(1).to(torch.float32)
                 grad_h *= scale
-                grad_w *= scale
+                if grad_weight:
+                    grad_w *= scale
     return loss, grad_h, grad_w
 
 
 def _fused_forward_fake(h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype,
-                        compute_grads):
+                        compute_grads, grad_weight=True):
     f32 = dict(dtype=torch.float32, device=h.device)
     if not compute_grads:
         return h.new_empty((), **f32), h.new_empty((0,), **f32), h.new_empty((0,), **f32)
-    return h.new_empty((), **f32), h.new_empty(h.shape, **f32), h.new_empty(weight.shape, **f32)
+    gw = h.new_empty(weight.shape if grad_weight else (0,), **f32)
+    return h.new_empty((), **f32), h.new_empty(h.shape, **f32), gw
 
 
 _fused_forward_op = launcher_op("gptcore::linear_cross_entropy_fwd", _fused_forward, _fused_forward_fake)
@@ -178,14 +184,16 @@ _fused_forward_op = launcher_op("gptcore::linear_cross_entropy_fwd", _fused_forw
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """The op's one autograd path: the forward (a launcher op, opaque under torch.compile) already
-    made both gradients; backward scales them by the incoming scalar gradient (plain torch ops)."""
+    made both gradients; backward scales them by the incoming scalar gradient (plain torch ops).
+    grad_weight False (a frozen LM head, as under LoRA): no weight-gradient matmul at all."""
 
     @staticmethod
-    def forward(ctx, h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype, compute_grads):
+    def forward(ctx, h, weight, target, ignore_index, reduction, chunk_rows, impl, compute_dtype, compute_grads,
+                grad_weight):
         loss, grad_h, grad_w = _fused_forward_op(h, weight, target, ignore_index, reduction, chunk_rows, impl,
-                                                 compute_dtype, compute_grads)
+                                                 compute_dtype, compute_grads, grad_weight)
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.dtypes, ctx.compute_grads = (h.dtype, weight.dtype), compute_grads
+        ctx.dtypes, ctx.compute_grads, ctx.grad_weight = (h.dtype, weight.dtype), compute_grads, grad_weight
         return loss
 
     @staticmethod
@@ -196,8 +204,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         need = ctx.needs_input_grad
         return ((grad_h * grad_loss).to(ctx.dtypes[0]) if need[0] else None,
-                (grad_w * grad_loss).to(ctx.dtypes[1]) if need[1] else None,
-                None, None, None, None, None, None, None)
+                (grad_w * grad_loss).to(ctx.dtypes[1]) if need[1] and ctx.grad_weight else None,
+                None, None, None, None, None, None, None, None)
 
 
 # ---- public entry point ------------------------------------------------------------------------
@@ -253,4 +261,5 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, target: Tensor, ignore_index
     else:
         compute_dtype = torch.promote_types(h.dtype, weight.dtype)
     need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need)
+    return _LinearCrossEntropy.apply(h2, weight, y, ignore_index, reduction, chunk_rows, impl, compute_dtype, need,
+                                     need and weight.requires_grad)

@@ -81,7 +81,12 @@ class MLP(nn.Module):
 
     def forward(self, x, ops: Ops):
         # bias+GELU is one op so the triton backend can fuse it into one pass.
-        h = ops.fc_gelu(x, self.c_fc.weight, self.c_fc.bias)
+        if hasattr(self.c_fc, "add_lora"):
+            # a LoRA adapter (gptcore.lora): the low-rank term joins x W^T before the fused bias+GELU
+            pre = self.c_fc.add_lora(F.linear(x, self.c_fc.weight), x)
+            h = ops.gelu(pre, self.c_fc.bias.to(pre.dtype), out_dtype=pre.dtype)
+        else:
+            h = ops.fc_gelu(x, self.c_fc.weight, self.c_fc.bias)
         return self.drop(self.c_proj(h))
 
 
@@ -139,6 +144,9 @@ class GPT(nn.Module):
         # Activation checkpointing: in training, recompute each block in backward instead of
         # keeping its activations (less memory, ~1/3 more compute). Set by the trainer.
         self.grad_checkpointing = False
+        # Which rows model.loss runs the LM head on: "all", or "targets" (only rows whose target
+        # is not ignore_index: in SFT the response tokens). Set by gptcore.finetune.
+        self.loss_rows = "all"
 
     # ---- setup -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -231,17 +239,31 @@ class GPT(nn.Module):
         return y
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-             fused: Optional[bool] = None) -> torch.Tensor:
+             fused: Optional[bool] = None, rows: Optional[str] = None) -> torch.Tensor:
         """Mean next-token cross-entropy of targets (B, T) given idx (B, T).
 
         fused (default: every backend but reference) runs the LM head and the loss in row chunks
         (gptcore.loss.linear_cross_entropy), so the (B*T, vocab) logits never exist in full;
         fused=False is the plain twin: full logits, then F.cross_entropy in fp32.
+        rows (default: self.loss_rows): "all", or "targets": the LM head runs only on the rows
+        whose target is not ignore_index (the same loss; for masked SFT batches far less work, at
+        the price of one host read of the row count per call, which torch.compile cannot trace).
         """
         if targets.shape != idx.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match idx {tuple(idx.shape)}")
         if fused is None:
             fused = self.backend != "reference"
+        rows = self.loss_rows if rows is None else rows
+        if rows == "targets":
+            keep = (targets.flatten() != ignore_index).nonzero().squeeze(1)  # (n,) host sync
+            h = self.hidden_states(idx).flatten(0, 1).index_select(0, keep)  # (n, C)
+            y = targets.flatten().index_select(0, keep)  # (n,)
+            if fused:
+                loss_fn = self.ops.loss or get_ops("torch").loss
+                return loss_fn(h, self.lm_head.weight, y, ignore_index=ignore_index)
+            return F.cross_entropy(self.lm_head(h).float(), y, ignore_index=ignore_index)
+        if rows != "all":
+            raise ValueError(f"rows must be 'all' or 'targets', got {rows!r}")
         if fused:
             loss_fn = self.ops.loss or get_ops("torch").loss  # reference: the chunked torch twin
             return loss_fn(self.hidden_states(idx), self.lm_head.weight, targets, ignore_index=ignore_index)
