@@ -73,6 +73,8 @@ CONFIGS = (
     Config("reference", "reference", False, False, 20),
     Config("torch+compile-cg", "torch", True, False, 120, "reduce-overhead", True),
     Config("triton+compile-cg", "triton", True, True, 120, "reduce-overhead", True),
+    # torch.compile (default mode) inside the trainer's whole-step graph: `--compile` on CUDA
+    Config("triton+compile+graph", "triton", True, True, 120, on_request=True, graph=True),
 )
 
 

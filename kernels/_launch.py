@@ -76,6 +76,16 @@ def clear() -> None:
     _STATS.clear()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grid arithmetic (triton.cdiv is a jit-callable: ~5 us a call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), like triton.next_power_of_2, in plain Python."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
 def _int_class(v: int) -> int:
     return 0 if _I32_MIN <= v <= _I32_MAX else (1 if v < 2**63 else 2)
 
@@ -163,12 +173,25 @@ class PlannedKernel:
             _STATS["generic"] += 1
             return self.fn[grid](*args, **kw)
         dev = _current_device()
+        # _arg_key inlined for the two common cases (a function call per argument is most of the
+        # key's cost on a slow host); the rest goes through _arg_key
+        spec = []
         try:
-            key = (dev, tuple(kw.items()),
-                   tuple([_arg_key(a, d) for a, d in zip(args, self.runtime_dns)]))
+            for a, dns in zip(args, self.runtime_dns):
+                t = type(a)
+                if t is float:
+                    spec.append("f")
+                elif t is int and not dns:
+                    spec.append(("i", a == 1, a & 15 == 0,
+                                 0 if _I32_MIN <= a <= _I32_MAX else (1 if a < 2**63 else 2)))
+                elif isinstance(a, torch.Tensor):
+                    spec.append((a.dtype, a.data_ptr() & 15 == 0))
+                else:
+                    spec.append(_arg_key(a, dns))
         except _Unplannable:
             _STATS["generic"] += 1
             return self.fn[grid](*args, **kw)
+        key = (dev, tuple(kw.items()), tuple(spec))
         plan = self.plans.get(key)
         if plan is None:
             return self._miss(key, grid, args, kw)

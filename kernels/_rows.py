@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._launch import planned
+from gptcore.kernels._launch import cdiv, planned
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -116,7 +116,7 @@ def sum_partials(part: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Te
     k, p, n = part.shape
     outs = [torch.empty(n, dtype=dt, device=part.device) for dt in dtypes]
     block_p, block_n, warps = SUM_PARTIALS_CONFIG
-    _sum_partials_kernel[(triton.cdiv(n, block_n),)](
+    _sum_partials_kernel[(cdiv(n, block_n),)](
         part, outs[0], outs[-1], p, n, TWO=k == 2, BLOCK_P=block_p, BLOCK_N=block_n, num_warps=warps,
     )
     return outs

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._launch import planned
+from gptcore.kernels._launch import cdiv, next_pow2, planned
 
 _BLOCK = 2048  # columns per program in the first step
 
@@ -74,9 +74,9 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty(B, dtype=torch.int64, device=x.device)
     if B == 0:
         return out
-    S = triton.cdiv(V, _BLOCK)
+    S = cdiv(V, _BLOCK)
     part_val = torch.empty((B, S), dtype=torch.float32, device=x.device)
     part_idx = torch.empty((B, S), dtype=torch.int32, device=x.device)
     _argmax_block_kernel[(B, S)](x, part_val, part_idx, V, x.stride(0), S, BLOCK=_BLOCK, num_warps=4)
-    _argmax_final_kernel[(B,)](part_val, part_idx, out, S, BLOCK_S=max(16, triton.next_power_of_2(S)), num_warps=1)
+    _argmax_final_kernel[(B,)](part_val, part_idx, out, S, BLOCK_S=max(16, next_pow2(S)), num_warps=1)
     return out

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gptcore.kernels._launch import planned, tma_descriptor
+from gptcore.kernels._launch import cdiv, planned, tma_descriptor
 from gptcore.kernels._oplib import launcher_op
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -635,7 +635,7 @@ def _forward(q, k, v, causal: bool, p_drop: float, scale: float, seed: int, bthd
     def launch(cfg: KernelConfig):
         bm, bn, tma = cfg.block_m, cfg.block_n, cfg.tma and tma_ok
         args = _operands(tma, [(q, bm), (k, bn), (v, bn), (o, bm)])
-        _fwd_kernel[(triton.cdiv(Tq, bm), H, B)](
+        _fwd_kernel[(cdiv(Tq, bm), H, B)](
             *args, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             H, Tq, Tk, scale * LOG2E, seed, p_drop, drop_scale,
             D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=p_drop > 0.0,
@@ -669,7 +669,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
     tma_ok = _tma_ok(q, k, v, do, dq, dk, dv)
 
     block = 64 if q.is_cuda else 32
-    _bwd_delta_kernel[(triton.cdiv(Tq, block), H, B)](
+    _bwd_delta_kernel[(cdiv(Tq, block), H, B)](
         o, do, delta, *o.stride()[:3], *do.stride()[:3], H, Tq, D=D, BLOCK_M=block)
 
     common = (H, Tq, Tk, scale * LOG2E, scale, seed, p_drop, drop_scale)
@@ -678,7 +678,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
     def launch_dkdv(cfg: KernelConfig):
         bm, bn, tma = cfg.block_m, cfg.block_n, cfg.tma and tma_ok
         args = _operands(tma, [(q, bm), (k, bn), (v, bn), (do, bm), (dk, bn), (dv, bn)])
-        _bwd_dkdv_kernel[(triton.cdiv(Tk, bn), H, B)](
+        _bwd_dkdv_kernel[(cdiv(Tk, bn), H, B)](
             *args, lse, delta, *strides, *dk.stride()[:3], *common,
             D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
             TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -686,7 +686,7 @@ def _backward(do, q, k, v, o, lse, causal: bool, p_drop: float, scale: float, se
     def launch_dq(cfg: KernelConfig):
         bm, bn, tma = cfg.block_m, cfg.block_n, cfg.tma and tma_ok
         args = _operands(tma, [(q, bm), (k, bn), (v, bn), (do, bm), (dq, bm)])
-        _bwd_dq_kernel[(triton.cdiv(Tq, bm), H, B)](
+        _bwd_dq_kernel[(cdiv(Tq, bm), H, B)](
             *args, lse, delta, *strides, *dq.stride()[:3], *common,
             D=D, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal, DROPOUT=dropout, DOT_PREC=prec,
             TMA=tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -937,6 +937,6 @@ def dropout_mask(seed: int, B: int, H: int, Tq: int, Tk: int, p: float, device=N
     mask = _alloc((B, H, Tq, Tk), torch.uint8, device)
     _check_device(mask)
     bm, bn = (32, 128) if device.type == "cuda" else (16, 32)
-    _dropout_mask_kernel[(triton.cdiv(Tq, bm), triton.cdiv(Tk, bn), B * H)](
+    _dropout_mask_kernel[(cdiv(Tq, bm), cdiv(Tk, bn), B * H)](
         mask, Tq, Tk, int(seed), float(p), BLOCK_M=bm, BLOCK_N=bn)
     return mask.view(torch.bool)

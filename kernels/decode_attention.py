@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptcore.kernels._launch import planned
+from gptcore.kernels._launch import cdiv, next_pow2, planned
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -167,16 +167,16 @@ def plan_splits(batch_heads: int, capacity: int, device: torch.device, block_n: 
     Twelve, not four, from bench/sweep_decode.py on an H100 (GPT-2 heads, bf16, CUDA graph): at
     batch 32 with 1024 cached keys 4 splits take 31 us against 43 us for 2; at batch 8, 16 splits
     10 us against 13 us for 6; at batch 1 both give every tile its own program."""
-    tiles = max(1, triton.cdiv(capacity, block_n))
+    tiles = max(1, cdiv(capacity, block_n))
     if num_splits is None:
         if device.type == "cuda":
             want = 12 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-            num_splits = triton.cdiv(want, max(1, batch_heads))
+            num_splits = cdiv(want, max(1, batch_heads))
         else:
             num_splits = 1
     num_splits = max(1, min(int(num_splits), tiles))
-    split_len = triton.cdiv(tiles, num_splits) * block_n
-    return triton.cdiv(capacity, split_len), split_len
+    split_len = cdiv(tiles, num_splits) * block_n
+    return cdiv(capacity, split_len), split_len
 
 
 def _check(q, k_cache, v_cache, lengths, block_table):
@@ -251,7 +251,7 @@ def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None,
     page = k_cache.shape[2] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[2]
     BLOCK_N = 64 if D <= 64 else 32
-    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_D = next_pow2(D)
     splits, split_len = plan_splits(B * H, capacity, q.device, BLOCK_N, num_splits)
     if splits > 1:
         part_acc = torch.empty((B * H, splits, BLOCK_D), device=q.device, dtype=torch.float32)
@@ -270,6 +270,6 @@ def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None,
     if splits > 1:
         _combine_kernel[(B * H,)](
             part_acc, part_max, part_sum, out, *out.stride(), H, D,
-            NUM_SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=BLOCK_D, num_warps=4,
+            NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), BLOCK_D=BLOCK_D, num_warps=4,
         )
     return out.view(q.shape)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gptcore.kernels._launch import planned
+from gptcore.kernels._launch import cdiv, next_pow2, planned
 from gptcore.kernels._oplib import launcher_op
 
 from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
@@ -127,7 +127,7 @@ def _gelu_bwd_kernel(
 def _tile(n: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): up to _MAX_BLOCK_N columns, rows stacked to ~_TILE elements.
     Depends on n only, so the row count never triggers a recompile."""
-    block_n = min(max(16, triton.next_power_of_2(n)), _MAX_BLOCK_N)
+    block_n = min(max(16, next_pow2(n)), _MAX_BLOCK_N)
     block_m = max(1, _TILE // block_n)
     num_warps = min(max(block_m * block_n // 512, 1), 8)
     return block_m, block_n, num_warps
@@ -139,7 +139,7 @@ def _forward(x2, bias, out_shape, out_dtype):
     if M == 0 or N == 0:
         return y
     block_m, block_n, num_warps = _tile(N)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    grid = (cdiv(M, block_m), cdiv(N, block_n))
     _gelu_fwd_kernel[grid](
         x2, x2 if bias is None else bias, y, M, N, x2.stride(0),
         C=_GELU_C, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
@@ -155,14 +155,14 @@ def _backward(dy2, x2, bias, out_shape, dx_dtype):
     if M == 0 or N == 0:
         return dx, None if bias is None else torch.zeros(N, dtype=bias.dtype, device=dev)
     block_m, block_n, num_warps = _tile(N)
-    row_blocks = triton.cdiv(M, block_m)
-    col_blocks = triton.cdiv(N, block_n)
+    row_blocks = cdiv(M, block_m)
+    col_blocks = cdiv(N, block_n)
     if bias is None:
         row_programs = row_blocks  # no reduction: one tile per program
     else:
         row_programs = min(row_blocks, max(1, persistent_programs(dev, _BWD_PROGRAMS_PER_SM) // col_blocks))
-    rows_per_prog = triton.cdiv(row_blocks, row_programs) * block_m
-    row_programs = triton.cdiv(M, rows_per_prog)
+    rows_per_prog = cdiv(row_blocks, row_programs) * block_m
+    row_programs = cdiv(M, rows_per_prog)
     db_part = torch.empty((1, row_programs, N), dtype=torch.float32, device=dev) if bias is not None else None
     _gelu_bwd_kernel[(row_programs, col_blocks)](
         x2, x2 if bias is None else bias, dy2, dx, dx if db_part is None else db_part,

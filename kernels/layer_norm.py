@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gptcore.kernels._launch import planned
+from gptcore.kernels._launch import cdiv, next_pow2, planned
 from gptcore.kernels._oplib import launcher_op
 
 from gptcore.kernels._rows import as_rows, check_out_dtype, check_tensor, persistent_programs, sum_partials
@@ -227,7 +227,7 @@ class LaunchConfig:
 def fwd_config(n: int) -> LaunchConfig:
     """Forward launch for rows of width n: whole rows, ~_TILE elements a program, 512 elements a
     warp. Depends on n only, so the row count never triggers a recompile."""
-    block_n = max(16, triton.next_power_of_2(n))
+    block_n = max(16, next_pow2(n))
     block_m = max(1, _TILE // block_n)
     num_warps = min(max(block_m * block_n // 512, 1), 16)
     return LaunchConfig(block_m, block_n, num_warps)
@@ -256,7 +256,7 @@ def _forward(x2, r2, weight, bias, eps: float, out_shape, h_dtype, y_dtype=None)
     if M == 0:
         return y, h, mean, rstd
     cfg = fwd_config(N)
-    _ln_fwd_kernel[(triton.cdiv(M, cfg.block_m),)](
+    _ln_fwd_kernel[(cdiv(M, cfg.block_m),)](
         x2, x2 if r2 is None else r2, x2 if weight is None else weight, x2 if bias is None else bias,
         y, y if h is None else h, mean, rstd,
         M, N, x2.stride(0), 0 if r2 is None else r2.stride(0), eps,
@@ -283,10 +283,10 @@ def _backward(dy2, dh2, x2, weight, bias_dtype, mean, rstd, out_shape, dx_dtype,
         zeros = lambda dt: torch.zeros(N, dtype=dt, device=dev)
         return dx, dres, zeros(weight.dtype) if has_w else None, zeros(bias_dtype) if has_b else None
     cfg = bwd_config(N)
-    blocks = triton.cdiv(M, cfg.block_m)
+    blocks = cdiv(M, cfg.block_m)
     programs = min(blocks, persistent_programs(dev, cfg.programs_per_sm))
-    rows_per_prog = triton.cdiv(blocks, programs) * cfg.block_m
-    programs = triton.cdiv(M, rows_per_prog)  # every program gets at least one row
+    rows_per_prog = cdiv(blocks, programs) * cfg.block_m
+    programs = cdiv(M, rows_per_prog)  # every program gets at least one row
     # per-program partial sums: part[0] of dweight (or of dbias when there is no weight), part[-1] of dbias
     part = torch.empty((has_w + has_b, programs, N), dtype=torch.float32, device=dev) if has_w or has_b else None
     dw_part = part[0] if has_w else None
