@@ -503,31 +503,44 @@ class Engine:
     def _prefill_step(self) -> list[tuple[list[_Seq], torch.Tensor]]:
         """Forward up to prefill_chunk prompt tokens; returns (choices, logits) of each request
         whose prompt is now complete (sampled with the decode rows, in the step's one sync)."""
-        budget, done = self.prefill_chunk, []
-        for req in list(self._prefilling):
+        budget, done, plan = self.prefill_chunk, [], []
+        for req in self._prefilling:
             if budget <= 0:
                 break
             if req.done:
                 continue
-            seq = req.seqs[0]
-            start = req.prefilled
-            T = min(budget, len(req.prompt) - start)
+            T = min(budget, len(req.prompt) - req.prefilled)
             budget -= T
-            self._grow(seq, start + T)
+            plan.append((req, req.prefilled, T))
+        # every first chunk of the step in one right-padded forward (causal attention over the
+        # chunk alone; padding positions write past each row's length, where nothing is read
+        # before decode overwrites it); later chunks, which attend to their cache, one by one
+        firsts = [x for x in plan if x[1] == 0]
+        groups = ([firsts] if firsts else []) + [[x] for x in plan if x[1] != 0]
+        for group in groups:
+            Tm = max(T for _, _, T in group)
+            start = group[0][1]
+            for req, st, T in group:
+                self._grow(req.seqs[0], st + T)
             self._sync_table()
-            x = self._put([req.prompt[start:start + T] + [start, start + T]])
-            ids, meta = x[:, :T], x[0, T:]
-            width = -(-(start + T) // self.block_size)
-            table = self._tab[seq.slot:seq.slot + 1, :width].contiguous()
-            view = _BatchView(self, table, meta[0:1], meta[1:2], T, start)
-            hidden = self.model.hidden_states(ids, kv_cache=view)          # (1, T, C)
-            req.prefilled = seq.length = start + T
-            if req.prefilled < len(req.prompt):
-                continue
-            logits = self.model.lm_head(hidden[:, -1])                     # (1, V)
-            self._prefilling.remove(req)
-            self._fork(req)
-            done.append((req.seqs, logits.expand(len(req.seqs), -1)))
+            x = self._put([req.prompt[st:st + T] + [0] * (Tm - T) + [st, st + T] for req, st, T in group])
+            ids, write, lengths = x[:, :Tm], x[:, Tm].contiguous(), x[:, Tm + 1].contiguous()
+            width = -(-(start + Tm) // self.block_size)
+            slots = [req.seqs[0].slot for req, _, _ in group]
+            if len(group) == 1:
+                table = self._tab[slots[0]:slots[0] + 1, :width].contiguous()
+            else:
+                table = self._tab[:, :width].index_select(0, torch.tensor(slots, device=self.device))
+            view = _BatchView(self, table, write, lengths, Tm, start)
+            hidden = self.model.hidden_states(ids, kv_cache=view)          # (R, Tm, C)
+            for r, (req, st, T) in enumerate(group):
+                req.prefilled = req.seqs[0].length = st + T
+                if req.prefilled < len(req.prompt):
+                    continue
+                logits = self.model.lm_head(hidden[r:r + 1, T - 1])        # (1, V)
+                self._prefilling.remove(req)
+                self._fork(req)
+                done.append((req.seqs, logits.expand(len(req.seqs), -1)))
         return done
 
     def _fork(self, req: _Request) -> None:
