@@ -193,7 +193,8 @@ def run(quick: bool = False, preset: str | None = None, clients=None, requests: 
         engine = Engine(model, max_batch=C, prefill_chunk=512 if ON_GPU else 64, max_queue=max(256, n),
                         cuda_graphs=True, eos_token_id=None).start()
         warm = workload(min(8, C), ctx, cfg.vocab_size, 1000.0, seed=99)
-        run_continuous(engine, warm, C)   # warm-up: kernels tuned, graphs captured
+        engine.capture_graphs()           # every decode bucket, before the timed run
+        run_continuous(engine, warm, C)   # warm-up: kernels tuned
         cont = run_continuous(engine, reqs, C)
         fixed = run_fixed(engine, C, ctx, cfg.vocab_size)
         engine.stop()

@@ -515,6 +515,7 @@ def test_gpu_engine_cuda_graph_decode_equals_eager_and_offline(backend):
     ref = [generate(m, [p], 24, temperature=0, cuda_graph=False)[0] for p in prompts]
     for graphs in (True, False):
         eng = Engine(m, max_batch=8, prefill_chunk=64, cuda_graphs=graphs, eos_token_id=None)
+        eng.capture_graphs()   # every bucket before any request (padding rows only)
         outs = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
         assert eng.stats()["decode_mode"] == ("cuda-graph" if graphs else "eager")
         assert [o[0]["tokens"] for o in outs] == ref
@@ -529,4 +530,23 @@ def test_gpu_engine_gpt2_bf16_runs():
                                                                      ignore_eos=True))
     assert all(len(o[0]["tokens"]) == 16 for o in outs)
     assert eng.stats()["decode_mode"] == "cuda-graph"
+    _assert_no_leak(eng)
+
+
+def test_engine_batched_first_prefill_chunks_match_offline():
+    """Several prompts starting in one step are prefilled in one right-padded forward (seen in
+    the forward shapes); each still gives exactly offline generate's greedy tokens, no leak."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig.from_preset("tiny", vocab_size=256, context_length=128), backend="torch").eval()
+    g = random.Random(0)
+    ps = [[g.randrange(256) for _ in range(g.randint(3, 40))] for _ in range(12)]
+    eng = Engine(m, max_batch=8, prefill_chunk=100, eos_token_id=None)
+    shapes, orig = [], m.hidden_states
+    m.hidden_states = lambda ids, *a, **k: (shapes.append(tuple(ids.shape)), orig(ids, *a, **k))[1]
+    try:
+        outs = eng.generate(ps, SamplingParams(max_tokens=10, temperature=0))
+    finally:
+        m.hidden_states = orig
+    assert any(b > 1 and t > 1 for b, t in shapes)
+    assert [o[0]["tokens"] for o in outs] == [generate(m, [p], 10, temperature=0)[0] for p in ps]
     _assert_no_leak(eng)

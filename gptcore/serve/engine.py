@@ -101,6 +101,7 @@ class _Seq:
         self.tokens: list[int] = []
         self.blocks: list[int] = []
         self.length = 0                 # tokens stored in the cache
+        self.slot = -1                  # its row of the engine's block table (while it holds blocks)
         p = req.params
         self.rng = None
         if p.seed is not None and not p.greedy:
@@ -172,11 +173,12 @@ class _BatchView:
 
 
 class _DecodeGraph:
-    def __init__(self, B: int, mb: int, device):
-        self.tok = torch.zeros((B, 1), dtype=torch.long, device=device)
-        self.table = torch.zeros((B, mb), dtype=torch.int32, device=device)
-        self.write = torch.zeros(B, dtype=torch.long, device=device)
-        self.lengths = torch.ones(B, dtype=torch.long, device=device)
+    """One batch bucket's captured decode step; its only input is ``inp`` (3, B): slot, token,
+    write position per row (the block table rows are gathered from the engine's table inside)."""
+
+    def __init__(self, B: int, pad_slot: int, device):
+        self.inp = torch.zeros((3, B), dtype=torch.long, device=device)
+        self.inp[0] = pad_slot
         self.graph = None
         self.logits = None
 
@@ -226,6 +228,19 @@ class Engine:
         self.scratch = self.num_blocks
         self._offsets = torch.arange(max(self.max_seq_len, prefill_chunk) + block_size, device=self.device)
         self._free = list(range(self.num_blocks - 1, -1, -1))
+        # The block table of every running sequence, one row per slot, kept on the device and
+        # updated in place from the host's changes (new blocks, freed rows) once per forward;
+        # the last row is all scratch (padding rows of a graph bucket).
+        self._tab = torch.full((max_batch + 1, self.max_blocks), self.num_blocks, dtype=torch.int32,
+                               device=self.device)
+        self._pad_slot = max_batch
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._tab_set: list[tuple[int, int, int]] = []    # (slot, column, block) not yet on the device
+        self._tab_clear: list[int] = []                    # slots to reset to scratch first
+        pin = self.device.type == "cuda"
+        self._stage = torch.zeros(max(4 * max_batch, 2 * prefill_chunk) + 64, dtype=torch.long, pin_memory=pin)
+        self._stage_off = 0
+        self._stage_done = torch.cuda.Event() if pin else None
         self._reserved = 0
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
@@ -382,15 +397,28 @@ class Engine:
             if req is not None:
                 self._finish_request(req, "cancelled")
         self._admit()
+        self._stage_wait()
         produced = 0
+        pre: list[tuple[list[_Seq], torch.Tensor]] = []     # requests whose prompt completed now
+        dec = None
         try:
-            produced += self._prefill_step()
+            pre = self._prefill_step()
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the engine
             self._fail(list(self._prefilling), e)
         try:
-            produced += self._decode_step()
+            dec = self._decode_step()
         except Exception as e:  # noqa: BLE001
             self._fail(list({s.req.id: s.req for s in self._decoding}.values()), e)
+        ready = pre + ([dec] if dec is not None else [])
+        if ready:
+            seqs = [s for sq, _ in ready for s in sq]
+            try:
+                logits = ready[0][1] if len(ready) == 1 else torch.cat([lg for _, lg in ready])
+                produced += self._accept(seqs, logits)      # the step's one host sync
+            except Exception as e:  # noqa: BLE001
+                self._fail(list({s.req.id: s.req for s in seqs}.values()), e)
+            # prefilled requests decode from the next step on
+            self._decoding.extend(s for sq, _ in pre for s in sq if s.finish is None and not s.req.done)
         self.steps += 1
         self.generated_tokens += produced
         self._rate.append((time.perf_counter(), produced))
@@ -417,51 +445,103 @@ class Engine:
     # ---- blocks ------------------------------------------------------------------------------
     def _grow(self, seq: _Seq, length: int) -> None:
         need = -(-length // self.block_size) - len(seq.blocks)
+        if need <= 0:
+            return
+        if seq.slot < 0:
+            seq.slot = self._free_slots.pop()     # admission keeps running sequences <= max_batch
         for _ in range(need):
-            seq.blocks.append(self._free.pop())   # the reservation guarantees a block is free
+            b = self._free.pop()                  # the reservation guarantees a block is free
+            self._tab_set.append((seq.slot, len(seq.blocks), b))
+            seq.blocks.append(b)
 
     def _release(self, seq: _Seq) -> None:
         self._free.extend(reversed(seq.blocks))
         seq.blocks = []
         seq.length = 0
+        if seq.slot >= 0:
+            self._tab_clear.append(seq.slot)
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
 
-    def _table(self, rows: Sequence[list[int]], width: int, pad_to: int = 0) -> torch.Tensor:
-        t = torch.full((max(len(rows), pad_to), width), self.scratch, dtype=torch.int32)
-        for b, ids in enumerate(rows):
-            if ids:
-                t[b, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
-        return t
+    def _sync_table(self) -> None:
+        """Apply the host's block-table changes to the device table (one small copy each)."""
+        if self._tab_clear:
+            rows = self._put(self._tab_clear)
+            self._tab_clear = []
+            self._tab.index_fill_(0, rows, self.scratch)
+        if self._tab_set:
+            upd = self._put(self._tab_set)
+            self._tab_set = []
+            self._tab[upd[:, 0], upd[:, 1]] = upd[:, 2].to(torch.int32)
+
+    def _put(self, rows, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Host integers (a list or list of equal rows) -> a device long tensor, through a slice of
+        the pinned stage not reused until the step's copies are done (``_stage_wait``)."""
+        flat = torch.tensor(rows, dtype=torch.long)
+        if self.device.type != "cuda":
+            return flat if out is None else out.copy_(flat)
+        n = flat.numel()
+        if self._stage_off + n > self._stage.numel():
+            self._stage_wait()
+            if n > self._stage.numel():
+                self._stage = torch.zeros(2 * n, dtype=torch.long, pin_memory=True)
+        st = self._stage[self._stage_off:self._stage_off + n].view_as(flat)
+        self._stage_off += n
+        st.copy_(flat)
+        if out is None:
+            out = torch.empty_like(flat, device=self.device)
+        out.copy_(st, non_blocking=True)
+        self._stage_done.record()
+        return out
+
+    def _stage_wait(self) -> None:
+        if self._stage_off and self._stage_done is not None:
+            self._stage_done.synchronize()
+        self._stage_off = 0
 
     # ---- prefill -----------------------------------------------------------------------------
-    def _prefill_step(self) -> int:
-        budget, produced = self.prefill_chunk, 0
-        for req in list(self._prefilling):
+    def _prefill_step(self) -> list[tuple[list[_Seq], torch.Tensor]]:
+        """Forward up to prefill_chunk prompt tokens; returns (choices, logits) of each request
+        whose prompt is now complete (sampled with the decode rows, in the step's one sync)."""
+        budget, done, plan = self.prefill_chunk, [], []
+        for req in self._prefilling:
             if budget <= 0:
                 break
             if req.done:
                 continue
-            seq = req.seqs[0]
-            start = req.prefilled
-            T = min(budget, len(req.prompt) - start)
+            T = min(budget, len(req.prompt) - req.prefilled)
             budget -= T
-            self._grow(seq, start + T)
-            ids = torch.tensor([req.prompt[start:start + T]], dtype=torch.long)
-            meta = torch.tensor([start, start + T], dtype=torch.long)
-            table = self._table([seq.blocks], -(-(start + T) // self.block_size))
-            if self.device.type == "cuda":
-                ids, meta, table = (x.pin_memory().to(self.device, non_blocking=True) for x in (ids, meta, table))
-            view = _BatchView(self, table, meta[0:1], meta[1:2], T, start)
-            hidden = self.model.hidden_states(ids, kv_cache=view)          # (1, T, C)
-            req.prefilled = seq.length = start + T
-            if req.prefilled < len(req.prompt):
-                continue
-            logits = self.model.lm_head(hidden[:, -1])                     # (1, V)
-            self._prefilling.remove(req)
-            self._fork(req)
-            logits = logits.expand(len(req.seqs), -1)
-            produced += self._accept(req.seqs, logits)
-            self._decoding.extend(s for s in req.seqs if s.finish is None)
-        return produced
+            plan.append((req, req.prefilled, T))
+        # every first chunk of the step in one right-padded forward (causal attention over the
+        # chunk alone; padding positions write past each row's length, where nothing is read
+        # before decode overwrites it); later chunks, which attend to their cache, one by one
+        firsts = [x for x in plan if x[1] == 0]
+        groups = ([firsts] if firsts else []) + [[x] for x in plan if x[1] != 0]
+        for group in groups:
+            Tm = max(T for _, _, T in group)
+            start = group[0][1]
+            for req, st, T in group:
+                self._grow(req.seqs[0], st + T)
+            self._sync_table()
+            x = self._put([req.prompt[st:st + T] + [0] * (Tm - T) + [st, st + T] for req, st, T in group])
+            ids, write, lengths = x[:, :Tm], x[:, Tm].contiguous(), x[:, Tm + 1].contiguous()
+            width = -(-(start + Tm) // self.block_size)
+            slots = [req.seqs[0].slot for req, _, _ in group]
+            if len(group) == 1:
+                table = self._tab[slots[0]:slots[0] + 1, :width].contiguous()
+            else:
+                table = self._tab[:, :width].index_select(0, torch.tensor(slots, device=self.device))
+            view = _BatchView(self, table, write, lengths, Tm, start)
+            hidden = self.model.hidden_states(ids, kv_cache=view)          # (R, Tm, C)
+            for r, (req, st, T) in enumerate(group):
+                req.prefilled = req.seqs[0].length = st + T
+                if req.prefilled < len(req.prompt):
+                    continue
+                logits = self.model.lm_head(hidden[r:r + 1, T - 1])        # (1, V)
+                self._prefilling.remove(req)
+                self._fork(req)
+                done.append((req.seqs, logits.expand(len(req.seqs), -1)))
+        return done
 
     def _fork(self, req: _Request) -> None:
         """Choices 1..n-1 get their own copy of choice 0's prompt blocks."""
@@ -481,60 +561,71 @@ class Engine:
             b *= 2
         return min(b, self.max_batch) if B <= self.max_batch else B
 
-    def _decode_step(self) -> int:
+    def _decode_step(self) -> Optional[tuple[list[_Seq], torch.Tensor]]:
         seqs = [s for s in self._decoding if s.finish is None]
         if not seqs:
-            return 0
+            return None
         B = len(seqs)
         for s in seqs:
             self._grow(s, s.length + 1)
-        tok = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)
-        write = torch.tensor([s.length for s in seqs], dtype=torch.long)
+        self._sync_table()
+        rows = [[s.slot for s in seqs], [s.tokens[-1] for s in seqs], [s.length for s in seqs]]
         if self.cuda_graphs:
-            logits = self._decode_graph(seqs, tok, write)
+            logits = self._decode_graph(B, rows)
         else:
+            inp = self._put(rows)
             width = max(len(s.blocks) for s in seqs)
-            table = self._table([s.blocks for s in seqs], width)
-            if self.device.type == "cuda":
-                tok, write, table = (x.pin_memory().to(self.device, non_blocking=True) for x in (tok, write, table))
-            view = _BatchView(self, table, write, write + 1, 1, -1)
-            logits = self.model(tok, kv_cache=view)[:, -1]                 # (B, V)
+            table = self._tab[:, :width].index_select(0, inp[0])
+            view = _BatchView(self, table, inp[2], inp[2] + 1, 1, -1)
+            logits = self.model(inp[1][:, None], kv_cache=view)[:, -1]     # (B, V)
         for s in seqs:
             s.length += 1
-        return self._accept(seqs, logits)
+        return seqs, logits
 
-    def _decode_graph(self, seqs, tok, write) -> torch.Tensor:
-        B = len(seqs)
-        Bb = self._bucket(B)
+    def capture_graphs(self) -> None:
+        """Capture the decode graph of every batch bucket now (on CUDA; else nothing), so no
+        capture happens while requests run."""
+        if not self.cuda_graphs:
+            return
+        b = 1
+        while self.cuda_graphs:
+            if b not in self._graphs:
+                self._decode_graph(0, [[], [], []], bucket=b)
+            if b >= self.max_batch:
+                break
+            b = min(2 * b, self.max_batch)
+
+    def _decode_graph(self, B: int, rows: list[list[int]], bucket: int = 0) -> torch.Tensor:
+        Bb = bucket or self._bucket(B)
         g = self._graphs.get(Bb)
-        table = self._table([s.blocks for s in seqs], self.max_blocks, pad_to=Bb)
         pad = Bb - B
-        tok = torch.cat([tok, torch.zeros((pad, 1), dtype=torch.long)])
-        write_p = torch.cat([write, torch.zeros(pad, dtype=torch.long)])
+        rows = [rows[0] + [self._pad_slot] * pad, rows[1] + [0] * pad, rows[2] + [0] * pad]
         if g is None:
-            g = _DecodeGraph(Bb, self.max_blocks, self.device)
-        g.tok.copy_(tok.pin_memory(), non_blocking=True)
-        g.table.copy_(table.pin_memory(), non_blocking=True)
-        g.write.copy_(write_p.pin_memory(), non_blocking=True)
-        torch.add(g.write, 1, out=g.lengths)
+            g = _DecodeGraph(Bb, self._pad_slot, self.device)
+        self._put(rows, out=g.inp)
+
+        def body():
+            slot, tok, write = g.inp[0], g.inp[1], g.inp[2]
+            view = _BatchView(self, self._tab.index_select(0, slot), write, write + 1, 1, -1)
+            return self.model(tok[:, None], kv_cache=view)[:, -1]
+
         if g.graph is None:
-            view = _BatchView(self, g.table, g.write, g.lengths, 1, -1)
             try:
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
-                    self.model(g.tok, kv_cache=view)                        # warm-up (same writes)
+                    body()                                                  # warm-up (same writes)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    g.logits = self.model(g.tok, kv_cache=view)[:, -1]
+                    g.logits = body()
                 g.graph = graph
                 self._graphs[Bb] = g
             except Exception as e:  # noqa: BLE001 - no graph: this and later steps run eagerly
                 torch.cuda.synchronize()
                 self.cuda_graphs = False
                 self.graph_note = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
-                return self.model(g.tok, kv_cache=view)[:B, -1]
+                return body()[:B]
         g.graph.replay()
         return g.logits[:B]
 
