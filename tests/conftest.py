@@ -1,10 +1,16 @@
 """Test setup shared by the whole suite.
 
+Every test starts from seeds derived from its node id (``_seed_from_node_id``): inputs drawn from
+torch's, Python's or numpy's global generators replay exactly, whatever the test order or xdist
+worker, and a failing test's report names the seed (section "seed").
+
 On a machine without a CUDA GPU the Triton kernels run under the Triton interpreter: the
 variable must be set before any kernel module is imported, which is why it is set here.
 Tests marked ``gpu`` need a GPU and are skipped (and counted as skipped) elsewhere.
 """
 import os
+import random
+import zlib
 
 import pytest
 import torch
@@ -42,3 +48,30 @@ def poisoned(monkeypatch):
         return poison_(t) if t.is_floating_point() else t
 
     monkeypatch.setattr(torch, "empty", empty)
+
+
+def _node_seed(nodeid: str) -> int:
+    return zlib.crc32(nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def _seed_from_node_id(request):
+    seed = _node_seed(request.node.nodeid)
+    torch.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("seed", f"torch/random/numpy seeded with {_node_seed(item.nodeid)} "
+                                        f"(crc32 of the node id {item.nodeid!r})"))

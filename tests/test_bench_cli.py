@@ -1,5 +1,6 @@
 """The bench suite's command line (python -m bench): runs what can run here, reports what cannot,
 writes its JSON and plots, and survives absent or failing modules."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def test_train_quick_writes_json(tmp_path):
     if not torch.cuda.is_available():
         assert "needs a CUDA GPU" in rows["triton"]["skipped"]
         assert "no CUDA GPU" in p.stdout
-    assert list(tmp_path.glob("bench-train-*-train.png")) or "matplotlib" not in sys.modules
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is written whenever it can be
+        assert list(tmp_path.glob("bench-train-*-train.png"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this times the real kernels (python -m bench kernels)")

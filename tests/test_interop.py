@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -556,8 +557,9 @@ def test_load_pretrained_overrides_crop_context(tmp_path):
         hf.load_pretrained(str(tmp_path), context_length=128)
 
 
-@pytest.mark.parametrize("name, content", [("junk.pt", os.urandom(4096)), ("text.pth", b"hello world"),
-                                           ("junk.safetensors", os.urandom(4096))])
+@pytest.mark.parametrize("name, content", [("junk.pt", random.Random(1).randbytes(4096)), ("text.pth", b"hello world"),
+                                           ("junk.safetensors", random.Random(2).randbytes(4096))],
+                         ids=["junk.pt", "text.pth", "junk.safetensors"])
 def test_unreadable_files_are_format_errors(tmp_path, capsys, name, content):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(FormatError, match="not a (checkpoint torch.load|readable safetensors)"):
