@@ -182,6 +182,19 @@ def test_explicit_resume_of_an_older_state_does_not_replace_later_ones(tmp_path,
     assert T.main(base + ["--max-steps", "4", "--resume", str(out / "ckpt-0000002"), "--overwrite"]) == 0
 
 
+def test_keep_last_after_a_resume_prunes_only_this_runs_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = MICRO + ["--eval-interval", "0", "--ckpt-interval", "1", "--out-dir", str(out)]
+    assert T.main(base + ["--max-steps", "3", "--keep-last", "5"]) == 0
+    earlier = snapshot(out / "ckpt-0000001")
+    assert T.main(base + ["--max-steps", "7", "--keep-last", "2", "--resume", "auto"]) == 0
+    # the earlier run's 1..3 stay (they still count among the newest 2); of this run's 4..7 the
+    # newest two are kept
+    assert sorted(p.name for p in out.glob("ckpt-*")) == [f"ckpt-000000{i}" for i in (1, 2, 3, 6, 7)]
+    assert snapshot(out / "ckpt-0000001") == earlier
+    assert find_latest(out) == out / "ckpt-0000007"
+
+
 def test_overwrite_removes_the_old_run_and_only_it(tmp_path, capsys):
     out = tmp_path / "run"
     base = MICRO + ["--eval-interval", "0", "--out-dir", str(out)]
