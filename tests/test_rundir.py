@@ -280,11 +280,29 @@ def test_no_file_is_read_twice_and_symlink_loops_end(tmp_path, capsys):
     names = [Path(s.name).name for s in D.resolve_sources(str(d))]
     assert sorted(names) == ["a.txt", "b.txt"]
     assert "read once" in capsys.readouterr().err
-    with pytest.raises(D.DataError, match="symlink loop"):  # glob's ** would follow the loop: detected
-        D.resolve_sources(str(d / "**" / "*.txt"))
+    # a ** glob walks the loop once (glob itself would follow it until the path is too long)
+    names = [Path(s.name).name for s in D.resolve_sources(str(d / "**" / "*.txt"))]
+    assert sorted(names) == ["a.txt", "b.txt"]
+    names = [Path(s.name).name for s in D.resolve_sources(str(d / "sub" / "**"))]
+    assert sorted(names) == ["a-again.txt", "b.txt"]  # sub/loop/a.txt is a-again.txt's file: read once
     os.unlink(d / "sub" / "loop")
     names = [Path(s.name).name for s in D.resolve_sources([str(d / "a.txt"), str(d / "**" / "*.txt")])]
     assert sorted(names) == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("pattern", ["**/*.txt", "**", "x/**/b*.txt", "x/**", "*/**/*.md", "x/y/**/*", ".h/**",
+                                     "**/.h/*.txt", "x/**/**/*.txt"])
+def test_a_recursive_glob_matches_what_glob_matches_without_loops(tmp_path, monkeypatch, pattern):
+    import glob
+
+    for f in ("a.txt", "x/b.txt", "x/b2.txt", "x/y/c.txt", "x/y/z/b.md", "x/.hidden.txt", ".h/d.txt",
+              "x/.h/e.txt", "q/r.md"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text(f)
+    monkeypatch.chdir(tmp_path)
+    for spec in (pattern, str(tmp_path / pattern)):  # relative and absolute
+        want = sorted({f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)})  # glob repeats for **/**
+        assert D._glob_files(spec) == want, spec
 
 
 def test_a_latest_pointer_stays_inside_its_run_dir(tmp_path):
