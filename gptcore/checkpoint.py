@@ -293,12 +293,16 @@ def find_latest(out_dir: str | os.PathLike) -> Optional[Path]:
     return ckpts[-1][1] if ckpts else None
 
 
-def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, only=None) -> list[Path]:
     """Delete all but the newest ``keep_last`` ``ckpt-*`` directories (never the one ``latest``
-    names, never ``best/``); returns the deleted paths."""
+    names, never ``best/``); returns the deleted paths. With ``only`` (paths), only those may be
+    deleted: a resumed run passes the checkpoints it wrote itself, so what an earlier run left
+    stays (it still counts among the newest ``keep_last``)."""
     ckpts = list_checkpoints(out_dir)
     latest = find_latest(out_dir)
-    doomed = [p for _, p in ckpts[:-keep_last] if p != latest] if keep_last > 0 else []
+    mine = None if only is None else {Path(p).resolve() for p in only}
+    doomed = [p for _, p in ckpts[:-keep_last] if p != latest and (mine is None or p.resolve() in mine)] \
+        if keep_last > 0 else []
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
     return doomed

@@ -11,7 +11,7 @@ A cache entry is built under a lock (``<entry>.lock``, so concurrent prepares of
 tokenize it once), each file written through a uniquely named temp file and renamed into place,
 the manifest last; a failed write (full disk) removes its temp file and names the fix. Every
 source file is read once, by its real path: symlinks and repeated patterns add nothing, and a
-symlink loop in a folder is walked once (in a ``**`` glob it is an error).
+symlink loop in a folder or under a ``**`` glob is walked once.
 
 The seeds' sliding-window ``GPTDataset(ids, max_length, stride)`` and ``create_dataloader``
 serve evaluation. Named corpora ``tinystories`` and ``shakespeare`` are downloaded on first use
@@ -22,6 +22,7 @@ Non-UTF-8 input: an error naming the file and byte offset by default; with
 """
 from __future__ import annotations
 
+import fnmatch
 import glob as _glob
 import hashlib
 import json
@@ -155,9 +156,47 @@ def _walk_text_files(root: Path) -> list[str]:
     return sorted(out)
 
 
+def _glob_match(pat: list[str], parts: list[str]) -> bool:
+    """Path components ``parts`` against glob components ``pat`` as glob(recursive=True) does:
+    ``**`` is zero or more folders, and a wildcard never matches a name starting with '.'."""
+    if not pat:
+        return not parts
+    if pat[0] == "**":
+        return _glob_match(pat[1:], parts) or (bool(parts) and not parts[0].startswith(".")
+                                                 and _glob_match(pat, parts[1:]))
+    if not parts or (parts[0].startswith(".") and not pat[0].startswith(".")):
+        return False
+    return fnmatch.fnmatchcase(parts[0], pat[0]) and _glob_match(pat[1:], parts[1:])
+
+
+def _recursive_glob_files(spec: str) -> list[str]:
+    """The files a ``**`` pattern matches, each real folder walked once: a symlink loop under
+    the pattern is followed once, not until the path is too long."""
+    parts = spec.split(os.sep)
+    n = next(i for i, c in enumerate(parts) if _glob.has_magic(c))
+    top = os.sep.join(parts[:n]) or (os.sep if spec.startswith(os.sep) else os.curdir)
+    seen_dirs, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []
+            continue
+        seen_dirs.add(real)
+        rel = os.path.relpath(dirpath, top)
+        rel_parts = [] if rel == os.curdir else rel.split(os.sep)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if _glob_match(parts[n:], rel_parts + [f]) and os.path.isfile(path):
+                out.append(os.path.relpath(path, top) if n == 0 else path)  # as glob names them
+    return sorted(out)
+
+
 def _glob_files(spec: str) -> list[str]:
+    spec = os.path.expanduser(spec)
+    if "**" in spec.split(os.sep):
+        return _recursive_glob_files(spec)
     out = []
-    for f in _glob.iglob(os.path.expanduser(spec), recursive=True):
+    for f in _glob.iglob(spec, recursive=True):
         if len(Path(f).parts) > 64:
             raise DataError(f"the pattern {spec!r} runs into a symlink loop ({f[:120]}...): fix the link or "
                             f"use a pattern without **")

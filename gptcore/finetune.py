@@ -38,8 +38,10 @@ beside the references (also in metrics.jsonl, kind "sample"); --exact-match N sc
 records by exact match of the greedy response before and after training (default: 200 for the
 built-in "tasks" set, else 0).
 
-Exit status as gptcore.train: 0 done, 1 failed (bad data, checkpoint, adapter), 2 bad config,
-130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
+Exit status as gptcore.train: 0 done, 1 the run started and failed (non-finite steps), 2 bad input
+(a bad flag or config, bad data, a bad checkpoint or adapter, a run directory in use or not empty:
+one message, the traceback only with --debug or GPTCORE_DEBUG=1), 130 / 143 stopped by SIGINT /
+SIGTERM after saving a checkpoint.
 """
 from __future__ import annotations
 
@@ -57,8 +59,8 @@ import torch
 
 from gptcore import train as T
 from gptcore.checkpoint import CheckpointError, atomic_write_text, load_weights, save_checkpoint
+from gptcore.cli import add_debug_flag, debug_enabled, run_cli
 from gptcore.config import GPTConfig
-from gptcore.data import DataError
 from gptcore.lora import (LoRAError, VALID_TARGETS, apply_lora, base_fingerprint, cast_base, check_rank,
                           merge_lora, parse_targets, save_adapter)
 from gptcore.model import GPT
@@ -218,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", metavar="FILE",
                     help="YAML or JSON file of settings (the keys below, with _ or -, and an optional "
                          "'model:' section); flags given on the command line override it (default: none)")
+    add_debug_flag(ap)
     groups = {k: ap.add_argument_group(v) for k, v in _GROUPS.items()}
     hints = get_type_hints(FinetuneConfig)
     for f in fields(FinetuneConfig):
@@ -238,7 +241,7 @@ def parse_args(argv: list[str]) -> FinetuneConfig:
     if extra:
         flag = next((a for a in extra if a.startswith("-")), extra[0])
         raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), "the command line")
-    cli = {k: v for k, v in vars(ns).items() if k != "config"}
+    cli = {k: v for k, v in vars(ns).items() if k not in ("config", "debug")}
     file_vals = T.load_config_file(ns.config) if getattr(ns, "config", None) else {}
     return make_config(("config file", file_vals), ("command line", cli))
 
@@ -485,29 +488,42 @@ def resume_command(argv: list[str]) -> str:
     return T.resume_command(argv).replace("-m gptcore.train", "-m gptcore.finetune", 1)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _main(argv: list[str]) -> int:
     cfg = None
     try:
         cfg = parse_args(argv)
         result = finetune(cfg, resume_command(argv))
     except ConfigError as e:
+        if debug_enabled(argv):
+            raise
         print(f"gptcore.finetune: config error: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError, LoRAError) as e:
+    except TrainingError as e:  # the run started and failed: status 1, the checkpoint named
+        if debug_enabled(argv):
+            raise
         print(f"gptcore.finetune: error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
+        if debug_enabled(argv) or cfg is None:
+            raise
         print("gptcore.finetune: error: out of GPU memory while setting up; lower --batch-size (raise --grad-accum), "
               "use LoRA (--lora-rank 16) with --base-dtype bf16, --grad-checkpointing, or a shorter --context-length",
               file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
+        if debug_enabled(argv):
+            raise
         print("gptcore.finetune: interrupted twice: stopped at once, no checkpoint of this step", file=sys.stderr)
         return 130
     if result.train.stopped_by is not None:
         return 128 + int(result.train.stopped_by)
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Exit status: see the module docstring. Bad data, checkpoints, adapters, paths and run dirs
+    are one message and status 2 (gptcore.cli.run_cli); --debug / GPTCORE_DEBUG=1 show the traceback."""
+    return run_cli("gptcore.finetune", _main, argv)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ waits for the GPU per step: loss and grad norm stay on the device and are read b
 --log-interval steps (every step on the CPU) and before evaluations, samples and checkpoints; the
 metrics rows are still one per step, and a run of non-finite steps stops the run at that read-back.
 
-Out dir: ckpt-NNNNNNN/ (the last --keep-last), best/ (lowest val loss), latest (names the newest
-ckpt), metrics.jsonl (one row per step and per evaluation), loss.png (with matplotlib).
+Out dir: ckpt-NNNNNNN/ (the last --keep-last; a resumed run prunes only its own), best/ (lowest val
+loss), latest (names the newest ckpt), metrics.jsonl (one row per step and per evaluation), loss.png
+(with matplotlib).
 
 Exit status: 0 done; 1 the run failed while training (non-finite loss --max-bad-steps times in
 a row, out of memory); 2 it could not start: bad config or flag, bad data, a bad checkpoint, an
@@ -143,7 +144,8 @@ class TrainConfig:
     eval_interval: int = _opt(50, "evaluate on the val split every N steps (0: only at the end)", "eval")
     eval_steps: int = _opt(10, "val batches per evaluation (fixed windows)", "eval")
     ckpt_interval: int = _opt(100, "save a checkpoint every N steps (0: only at the end)", "eval")
-    keep_last: int = _opt(2, "keep the newest K ckpt-* directories (best/ is kept besides)", "eval")
+    keep_last: int = _opt(2, "keep the newest K ckpt-* directories (best/ is kept besides); only "
+                         "checkpoints this process wrote are deleted, never an earlier run's", "eval")
     out_dir: str = _opt("out", "directory for checkpoints, metrics.jsonl and loss.png", "eval")
     resume: Optional[str] = _opt(None, "continue a run: 'auto' (the newest complete state in out_dir, ckpt-* or "
                                  "best/, or a new run if there is none) or a checkpoint path; --resume alone means "
@@ -152,7 +154,8 @@ class TrainConfig:
     overwrite: bool = _opt(False, "start a new run in a non-empty out_dir: deletes its ckpt-*, best/, latest, "
                            "metrics.jsonl and loss.png (other files stay); with --resume PATH: allow replacing "
                            "the later checkpoints out_dir holds", "eval")
-    log_interval: int = _opt(10, "print a line every N steps when the progress bar is off", "eval")
+    log_interval: int = _opt(10, "print a line every N steps (with the progress bar: refresh its loss, lr, "
+                              "tok/s, mfu and mem every N steps)", "eval")
     sample_every: int = _opt(0, "print a sample every N steps (0: only at the end)", "eval")
     sample_prompt: str = _opt("The", "prompt of the samples", "eval")
     sample_tokens: int = _opt(40, "tokens per sample (0: no samples)", "eval")
@@ -698,6 +701,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.step, self.tokens, self.best_val, self.bad_run = 0, 0, None, 0
         self.last_ckpt: Optional[Path] = None
+        self._written_ckpts: set[Path] = set()  # ckpt-* this process saved: the only ones --keep-last prunes
         self.last_val: Optional[float] = None
         if ck is not None:
             self._restore(ck)
@@ -1228,7 +1232,9 @@ class Trainer:
         path = save_checkpoint(self.out_dir / name, self.model, state, meta)
         if name != "best":
             update_latest(self.out_dir, path)
-            prune_checkpoints(self.out_dir, self.cfg.keep_last)
+            self._written_ckpts.add(path)
+            # only what this process wrote: an earlier run's checkpoints (before a resume) stay
+            prune_checkpoints(self.out_dir, self.cfg.keep_last, only=self._written_ckpts)
             self.last_ckpt = path
         return path
 
@@ -1322,8 +1328,9 @@ class Trainer:
         mem_s = f"{mem:.2f} GiB" if mem is not None else "-"
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_s} "
-                                     f"mem {mem_s}", refresh=False)
+            if step % cfg.log_interval == 0 or step == self.max_steps:  # --log-interval: the bar's numbers
+                self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_s} "
+                                         f"mem {mem_s}", refresh=False)
         elif step % cfg.log_interval == 0 or step == self.max_steps:
             self.log(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
                      f"grad norm {gnorm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu_s} | mem {mem_s}")

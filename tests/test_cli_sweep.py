@@ -16,13 +16,17 @@ import pytest
 import torch
 
 from gptcore import eval as E
+from gptcore import finetune as FT
 from gptcore import generate as G
 from gptcore import inspect as I
 from gptcore import train as T
 
 MICRO = ["--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--context-length", "16", "--batch-size", "4",
          "--eval-steps", "2", "--warmup-steps", "2", "--sample-tokens", "0", "--no-progress", "--device", "cpu"]
-CLIS = {"train": T.main, "eval": E.main, "generate": G.main, "inspect": I.main}
+# the fine-tuner on the built-in puzzles: 64 records, context 64 holds each
+FT_MICRO = MICRO[:6] + ["--context-length", "64", "--n-tasks", "64", "--exact-match", "0", "--eval-samples", "0"] + \
+    MICRO[8:]
+CLIS = {"train": T.main, "eval": E.main, "generate": G.main, "inspect": I.main, "finetune": FT.main}
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +170,21 @@ CASES = [
     ("inspect", "vocab-0", ["{run}", "--vocab", "0"], "--vocab must be positive"),
     ("inspect", "latest-escapes", ["{root}/escape"], "inside its run directory"),
     ("inspect", "edited-meta", ["{root}/edited/ckpt-0000002"], "step"),
+    ("finetune", "lr-nan", FT_MICRO + ["--lr", "nan", "--out-dir", "{root}/new"], "lr must be a finite number"),
+    ("finetune", "lora-alpha-inf", FT_MICRO + ["--lora-rank", "2", "--lora-alpha", "inf", "--out-dir", "{root}/new"],
+     "lora_alpha must be a finite number"),
+    ("finetune", "lora-rank-negative", FT_MICRO + ["--lora-rank", "-1", "--out-dir", "{root}/new"],
+     "lora_rank must be > 0"),
+    ("finetune", "lora-rank-above-emb-dim", FT_MICRO + ["--lora-rank", "17", "--out-dir", "{root}/new"],
+     "exceeds the model's emb_dim 16"),
+    ("finetune", "data-missing", FT_MICRO + ["--data", "{root}/nope.json", "--out-dir", "{root}/new"], "not found"),
+    ("finetune", "data-not-json", FT_MICRO + ["--data", "{root}/random.bin", "--out-dir", "{root}/new"], "random.bin"),
+    ("finetune", "into-used-dir", FT_MICRO + ["--out-dir", "{run}"], "--overwrite"),
+    ("finetune", "resume-and-overwrite", FT_MICRO + ["--resume", "auto", "--overwrite", "--out-dir", "{run}"],
+     "give one of them"),
+    ("finetune", "init-from-pickle", FT_MICRO + ["--init-from", "{root}/evil.pt", "--out-dir", "{root}/new"],
+     "--trust-pickle"),
+    ("finetune", "unknown-flag", FT_MICRO + ["--lora-rnak", "2", "--out-dir", "{root}/new"], "lora_rank"),
 ]
 
 
@@ -202,14 +221,15 @@ def _python_m(module, *args, env=None):
     ("gptcore.eval", ["--ckpt", "{root}/junk-ckpt", "--device", "cpu"], "not valid JSON"),
     ("gptcore.generate", ["--preset", "tiny", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens"),
     ("gptcore.inspect", ["{root}/random.pt"], "random.pt"),
-], ids=["train", "eval", "generate", "inspect"])
+    ("gptcore.finetune", ["--lora-rank", "-1", "--device", "cpu"], "lora_rank must be > 0"),
+], ids=["train", "eval", "generate", "inspect", "finetune"])
 def test_cli_subprocess(env, module, args, needle):
     """As the user runs them: one line, status 2; --debug / GPTCORE_DEBUG=1 show the traceback."""
     args = [a.format(root=env["root"]) for a in args]
     r = _python_m(module, *args, env={"GPTCORE_DEBUG": "0"})
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
-    if module == "gptcore.inspect":
+    if module in ("gptcore.inspect", "gptcore.finetune"):
         r = _python_m(module, *args, "--debug")
         assert r.returncode != 0 and "Traceback" in r.stderr
 

@@ -175,7 +175,7 @@ def test_overlong_records_truncate_or_refuse(tmp_path, capsys):
     recs = [{"instruction": "word " * 80, "output": "ok"}] + [{"instruction": "a", "output": "b"}] * 3
     path = write_json(tmp_path / "long.json", recs)
     args = MICRO + ["--data", str(path), "--max-steps", "1", "--eval-interval", "0", "--val-fraction", "0.25"]
-    assert FT.main(args + ["--overlong", "error", "--out-dir", str(tmp_path / "a")]) == 1
+    assert FT.main(args + ["--overlong", "error", "--out-dir", str(tmp_path / "a")]) == 2
     assert "more than context_length + 1 = 65" in capsys.readouterr().err
     assert FT.main(args + ["--out-dir", str(tmp_path / "b")]) == 0
     assert "1 records longer than context_length + 1 = 65 tokens" in capsys.readouterr().out
@@ -274,7 +274,7 @@ def test_resume_of_a_lora_run_is_exact(tmp_path, base_ckpt):
 def test_resume_with_other_lora_settings_is_refused(tmp_path, base_ckpt, capsys):
     common = ["--init-from", str(base_ckpt), "--max-steps", "2", "--eval-interval", "0"]
     a = ft_run(tmp_path, "a", *common, "--lora-rank", "4")
-    assert FT.main(MICRO + ["--out-dir", str(a), *common, "--lora-rank", "2", "--resume", "auto"]) == 1
+    assert FT.main(MICRO + ["--out-dir", str(a), *common, "--lora-rank", "2", "--resume", "auto"]) == 2
     assert "LoRA settings differ" in capsys.readouterr().err
 
 

@@ -182,6 +182,19 @@ def test_explicit_resume_of_an_older_state_does_not_replace_later_ones(tmp_path,
     assert T.main(base + ["--max-steps", "4", "--resume", str(out / "ckpt-0000002"), "--overwrite"]) == 0
 
 
+def test_keep_last_after_a_resume_prunes_only_this_runs_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    base = MICRO + ["--eval-interval", "0", "--ckpt-interval", "1", "--out-dir", str(out)]
+    assert T.main(base + ["--max-steps", "3", "--keep-last", "5"]) == 0
+    earlier = snapshot(out / "ckpt-0000001")
+    assert T.main(base + ["--max-steps", "7", "--keep-last", "2", "--resume", "auto"]) == 0
+    # the earlier run's 1..3 stay (they still count among the newest 2); of this run's 4..7 the
+    # newest two are kept
+    assert sorted(p.name for p in out.glob("ckpt-*")) == [f"ckpt-000000{i}" for i in (1, 2, 3, 6, 7)]
+    assert snapshot(out / "ckpt-0000001") == earlier
+    assert find_latest(out) == out / "ckpt-0000007"
+
+
 def test_overwrite_removes_the_old_run_and_only_it(tmp_path, capsys):
     out = tmp_path / "run"
     base = MICRO + ["--eval-interval", "0", "--out-dir", str(out)]
@@ -267,11 +280,29 @@ def test_no_file_is_read_twice_and_symlink_loops_end(tmp_path, capsys):
     names = [Path(s.name).name for s in D.resolve_sources(str(d))]
     assert sorted(names) == ["a.txt", "b.txt"]
     assert "read once" in capsys.readouterr().err
-    with pytest.raises(D.DataError, match="symlink loop"):  # glob's ** would follow the loop: detected
-        D.resolve_sources(str(d / "**" / "*.txt"))
+    # a ** glob walks the loop once (glob itself would follow it until the path is too long)
+    names = [Path(s.name).name for s in D.resolve_sources(str(d / "**" / "*.txt"))]
+    assert sorted(names) == ["a.txt", "b.txt"]
+    names = [Path(s.name).name for s in D.resolve_sources(str(d / "sub" / "**"))]
+    assert sorted(names) == ["a-again.txt", "b.txt"]  # sub/loop/a.txt is a-again.txt's file: read once
     os.unlink(d / "sub" / "loop")
     names = [Path(s.name).name for s in D.resolve_sources([str(d / "a.txt"), str(d / "**" / "*.txt")])]
     assert sorted(names) == ["a.txt", "b.txt"]
+
+
+@pytest.mark.parametrize("pattern", ["**/*.txt", "**", "x/**/b*.txt", "x/**", "*/**/*.md", "x/y/**/*", ".h/**",
+                                     "**/.h/*.txt", "x/**/**/*.txt"])
+def test_a_recursive_glob_matches_what_glob_matches_without_loops(tmp_path, monkeypatch, pattern):
+    import glob
+
+    for f in ("a.txt", "x/b.txt", "x/b2.txt", "x/y/c.txt", "x/y/z/b.md", "x/.hidden.txt", ".h/d.txt",
+              "x/.h/e.txt", "q/r.md"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text(f)
+    monkeypatch.chdir(tmp_path)
+    for spec in (pattern, str(tmp_path / pattern)):  # relative and absolute
+        want = sorted({f for f in glob.glob(spec, recursive=True) if os.path.isfile(f)})  # glob repeats for **/**
+        assert D._glob_files(spec) == want, spec
 
 
 def test_a_latest_pointer_stays_inside_its_run_dir(tmp_path):

@@ -355,6 +355,26 @@ def test_two_gloo_processes_match_one_process_with_grad_accum_and_resume(tmp_pat
 
 
 # ---- pieces -------------------------------------------------------------------------------------------
+def test_log_interval_is_honoured_with_the_progress_bar(tmp_path, monkeypatch):
+    """With the bar on, --log-interval sets how often the bar's loss / lr / tok/s are refreshed."""
+    import tqdm.auto
+
+    postfix_steps = []
+
+    class Recording(tqdm.auto.tqdm):
+        def set_postfix_str(self, s="", refresh=True):
+            postfix_steps.append(self.n)
+            return super().set_postfix_str(s, refresh=refresh)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    args = [a for a in MICRO if a != "--no-progress"] + ["--eval-interval", "0", "--max-steps", "7"]
+    assert T.main(args + ["--log-interval", "3", "--out-dir", str(tmp_path / "a")]) == 0
+    assert postfix_steps == [3, 6, 7]  # every 3rd step and the last
+    postfix_steps.clear()
+    assert T.main(args + ["--log-interval", "1", "--out-dir", str(tmp_path / "b")]) == 0
+    assert postfix_steps == list(range(1, 8))
+
+
 def test_lr_schedule():
     cfg = T.make_config(("t", {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10}))
     lrs = [T.lr_at(s, cfg, 100) for s in range(100)]
