@@ -46,21 +46,19 @@ SIGTERM after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, get_type_hints
+from typing import Callable, Optional
 
 import torch
 
 from gptcore import train as T
 from gptcore.checkpoint import CheckpointError, atomic_write_text, load_weights, save_checkpoint
-from gptcore.cli import add_debug_flag, debug_enabled, run_cli
-from gptcore.config import GPTConfig
+from gptcore.cli import debug_enabled, run_cli
 from gptcore.lora import (LoRAError, VALID_TARGETS, apply_lora, base_fingerprint, cast_base, check_rank,
                           merge_lora, parse_targets, save_adapter)
 from gptcore.model import GPT
@@ -186,64 +184,18 @@ LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "base_dt
 
 
 # ---- config and CLI (the trainer's system, over FinetuneConfig's fields) ------------------------------
-def _unknown(key: str, where: str) -> ConfigError:
-    import difflib
-
-    valid = FT_KEYS + T.MODEL_KEYS
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
-
-
 def make_config(*sources: tuple[str, dict]) -> FinetuneConfig:
     """FinetuneConfig from (where, settings) pairs, later ones winning; every value type-checked."""
-    ft_types, model_types = get_type_hints(FinetuneConfig), get_type_hints(GPTConfig)
-    kw: dict = {}
-    model: dict = {}
-    for where, values in sources:
-        for k, v in values.items():
-            if k in model_types:
-                model[k] = T._check_type(k, v, model_types[k])
-            elif k in FT_KEYS:
-                kw[k] = T._check_type(k, v, ft_types[k])
-            else:
-                raise _unknown(k, where)
-    cfg = FinetuneConfig(**kw, model=model)
-    cfg.validate()
-    return cfg
+    return T.make_config(*sources, cls=FinetuneConfig, keys=FT_KEYS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m gptcore.finetune", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 allow_abbrev=False, argument_default=argparse.SUPPRESS)
-    ap.add_argument("--config", metavar="FILE",
-                    help="YAML or JSON file of settings (the keys below, with _ or -, and an optional "
-                         "'model:' section); flags given on the command line override it (default: none)")
-    add_debug_flag(ap)
-    groups = {k: ap.add_argument_group(v) for k, v in _GROUPS.items()}
-    hints = get_type_hints(FinetuneConfig)
-    for f in fields(FinetuneConfig):
-        if f.name == "model" or f.name in NOT_HERE:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f.metadata["shown"] or (list(default) if isinstance(default, tuple) else default)
-        T._add_flag(groups[f.metadata["group"]], f.name, hints[f.name], f"{f.metadata['help']} (default: {shown})",
-                    f.metadata["choices"])
-    mhints = get_type_hints(GPTConfig)
-    for f in fields(GPTConfig):
-        T._add_flag(groups["shape"], f.name, mhints[f.name], f"{T._MODEL_HELP[f.name]} (default: the preset's)", None)
-    return ap
+    return T.build_parser(FinetuneConfig, prog="python -m gptcore.finetune", description=__doc__, groups=_GROUPS,
+                          skip=NOT_HERE)
 
 
 def parse_args(argv: list[str]) -> FinetuneConfig:
-    ns, extra = build_parser().parse_known_args(argv)
-    if extra:
-        flag = next((a for a in extra if a.startswith("-")), extra[0])
-        raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), "the command line")
-    cli = {k: v for k, v in vars(ns).items() if k not in ("config", "debug")}
-    file_vals = T.load_config_file(ns.config) if getattr(ns, "config", None) else {}
-    return make_config(("config file", file_vals), ("command line", cli))
+    return T.parse_args(argv, build_parser(), make_config, FT_KEYS)
 
 
 # ---- the fine-tuner ---------------------------------------------------------------------------------

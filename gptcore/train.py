@@ -269,8 +269,8 @@ def _check_type(key: str, value: Any, tp) -> Any:
     return value
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    valid = TRAIN_KEYS + MODEL_KEYS
+def _unknown(key: str, where: str, keys: Optional[list] = None) -> ConfigError:
+    valid = (TRAIN_KEYS if keys is None else keys) + MODEL_KEYS
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"unknown key {key!r} in {where}{hint}; valid keys: {', '.join(valid)}")
@@ -333,36 +333,42 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=Loader)
 
 
-def make_config(*sources: tuple[str, dict]) -> TrainConfig:
-    """TrainConfig from (where, settings) pairs, later ones winning; every value type-checked."""
-    train_types, model_types = get_type_hints(TrainConfig), get_type_hints(GPTConfig)
+def make_config(*sources: tuple[str, dict], cls=None, keys: Optional[list] = None):
+    """cls (default TrainConfig; gptcore.finetune passes its subclass) from (where, settings) pairs,
+    later ones winning; every value type-checked; keys: the settings cls accepts besides the model's."""
+    cls = cls or TrainConfig
+    keys = TRAIN_KEYS if keys is None else keys
+    own_types, model_types = get_type_hints(cls), get_type_hints(GPTConfig)
     kw: dict = {}
     model: dict = {}
     for where, values in sources:
         for k, v in values.items():
             if k in model_types:
                 model[k] = _check_type(k, v, model_types[k])
-            elif k in TRAIN_KEYS:
-                kw[k] = _check_type(k, v, train_types[k])
+            elif k in keys:
+                kw[k] = _check_type(k, v, own_types[k])
             else:
-                raise _unknown(k, where)
-    cfg = TrainConfig(**kw, model=model)
+                raise _unknown(k, where, keys)
+    cfg = cls(**kw, model=model)
     cfg.validate()
     return cfg
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m gptcore.train", description=__doc__,
+def build_parser(cls=None, prog: str = "python -m gptcore.train", description: Optional[str] = None,
+                 groups: Optional[dict] = None, skip: tuple = ()) -> argparse.ArgumentParser:
+    """The CLI of a config dataclass: one flag per field (but ``skip``) and per GPTConfig field."""
+    cls = cls or TrainConfig
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__ if description is None else description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False, argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", metavar="FILE",
                     help="YAML or JSON file of settings (the keys below, with _ or -, and an optional "
                          "'model:' section); flags given on the command line override it (default: none)")
     add_debug_flag(ap)
-    groups = {k: ap.add_argument_group(v) for k, v in _GROUPS.items()}
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        if f.name == "model":
+    groups = {k: ap.add_argument_group(v) for k, v in (groups or _GROUPS).items()}
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name == "model" or f.name in skip:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = f.metadata["shown"] or (list(default) if isinstance(default, tuple) else default)
@@ -388,14 +394,18 @@ def _add_flag(group, name: str, tp, help: str, choices) -> None:
         group.add_argument(flag, type=tp, choices=choices, metavar=None if choices else name.upper(), help=help)
 
 
-def parse_args(argv: list[str]) -> TrainConfig:
-    ns, extra = build_parser().parse_known_args(argv)
+def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None,
+               make: Optional[Callable] = None, keys: Optional[list] = None) -> TrainConfig:
+    """Flags (and a --config file under them) -> config; parser / make / keys: another CLI's
+    (gptcore.finetune passes its own)."""
+    ns, extra = (parser or build_parser()).parse_known_args(argv)
+    make = make or make_config
     if extra:
         flag = next((a for a in extra if a.startswith("-")), extra[0])
-        raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), "the command line")
+        raise _unknown(flag.lstrip("-").split("=")[0].replace("-", "_"), "the command line", keys)
     cli = {k: v for k, v in vars(ns).items() if k not in ("config", "debug")}
     file_vals = load_config_file(ns.config) if getattr(ns, "config", None) else {}
-    return make_config(("config file", file_vals), ("command line", cli))
+    return make(("config file", file_vals), ("command line", cli))
 
 
 # ---- runtime pieces ---------------------------------------------------------------------------------
