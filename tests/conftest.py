@@ -75,3 +75,16 @@ def pytest_runtest_makereport(item, call):
     if report.failed:
         report.sections.append(("seed", f"torch/random/numpy seeded with {_node_seed(item.nodeid)} "
                                         f"(crc32 of the node id {item.nodeid!r})"))
+
+
+@pytest.fixture(scope="module")
+def private_data_cache(tmp_path_factory):
+    """GPTCORE_DATA_DIR points at a temp dir shared by one module's tests (and the processes they
+    start) while they run; a module opts in with pytestmark = pytest.mark.usefixtures(...)."""
+    old = os.environ.get("GPTCORE_DATA_DIR")
+    os.environ["GPTCORE_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if old is None:
+        os.environ.pop("GPTCORE_DATA_DIR")
+    else:
+        os.environ["GPTCORE_DATA_DIR"] = old

@@ -3,7 +3,6 @@ bad input.  python -m pytest -q tests/test_finetune.py"""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -27,15 +26,7 @@ MICRO = ["--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--context-leng
          "--exact-match", "0", "--eval-samples", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def data_cache(tmp_path_factory):
-    old = os.environ.get("GPTCORE_DATA_DIR")
-    os.environ["GPTCORE_DATA_DIR"] = str(tmp_path_factory.mktemp("sft-cache"))
-    yield
-    if old is None:
-        os.environ.pop("GPTCORE_DATA_DIR")
-    else:
-        os.environ["GPTCORE_DATA_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_data_cache")  # tokenized corpora in a temp dir
 
 
 def write_json(path: Path, obj) -> Path:

@@ -22,17 +22,7 @@ MICRO = ["--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--context-leng
 TIMING = ("tokens_per_s", "step_s", "mfu", "mem_gib")  # differ from run to run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def data_cache(tmp_path_factory):
-    import os
-
-    old = os.environ.get("GPTCORE_DATA_DIR")
-    os.environ["GPTCORE_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
-    yield
-    if old is None:
-        os.environ.pop("GPTCORE_DATA_DIR")
-    else:
-        os.environ["GPTCORE_DATA_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_data_cache")  # tokenized corpora in a temp dir
 
 
 def rows(out: Path, kind=None) -> list:

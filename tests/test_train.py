@@ -28,16 +28,7 @@ MICRO = ["--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--context-leng
          "--eval-steps", "2", "--warmup-steps", "2", "--sample-tokens", "0", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def data_cache(tmp_path_factory):
-    """Tokenized corpora go to a temp dir, shared by the tests of this module and their children."""
-    old = os.environ.get("GPTCORE_DATA_DIR")
-    os.environ["GPTCORE_DATA_DIR"] = str(tmp_path_factory.mktemp("data-cache"))
-    yield
-    if old is None:
-        os.environ.pop("GPTCORE_DATA_DIR")
-    else:
-        os.environ["GPTCORE_DATA_DIR"] = old
+pytestmark = pytest.mark.usefixtures("private_data_cache")  # tokenized corpora in a temp dir
 
 
 def metrics(out: Path, kind="train", key="loss") -> dict:
