@@ -28,25 +28,15 @@ within 5% of pretrain tokens/s. Without a GPU the tiny preset runs a smoke versi
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 import torch
 
 from bench import harness
+from bench.train_step import _err, _free
 
 CONFIGS = ("pretrain", "full-sft", "full-sft-rows", "lora", "lora-rows", "hf-peft-lora")
 RANK, ALPHA, TARGETS = 16, 32, "c_attn,c_proj,c_fc"
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _err(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
 
 
 def _batch(B: int, T: int, vocab: int, device, masked: bool):

@@ -58,7 +58,7 @@ import torch
 
 from gptcore import train as T
 from gptcore.checkpoint import CheckpointError, atomic_write_text, load_weights, save_checkpoint
-from gptcore.cli import debug_enabled, run_cli
+from gptcore.cli import run_cli
 from gptcore.lora import (LoRAError, VALID_TARGETS, apply_lora, base_fingerprint, cast_base, check_rank,
                           merge_lora, parse_targets, save_adapter)
 from gptcore.model import GPT
@@ -441,35 +441,10 @@ def resume_command(argv: list[str]) -> str:
 
 
 def _main(argv: list[str]) -> int:
-    cfg = None
-    try:
-        cfg = parse_args(argv)
-        result = finetune(cfg, resume_command(argv))
-    except ConfigError as e:
-        if debug_enabled(argv):
-            raise
-        print(f"gptcore.finetune: config error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:  # the run started and failed: status 1, the checkpoint named
-        if debug_enabled(argv):
-            raise
-        print(f"gptcore.finetune: error: {e}", file=sys.stderr)
-        return 1
-    except torch.cuda.OutOfMemoryError:
-        if debug_enabled(argv) or cfg is None:
-            raise
-        print("gptcore.finetune: error: out of GPU memory while setting up; lower --batch-size (raise --grad-accum), "
-              "use LoRA (--lora-rank 16) with --base-dtype bf16, --grad-checkpointing, or a shorter --context-length",
-              file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if debug_enabled(argv):
-            raise
-        print("gptcore.finetune: interrupted twice: stopped at once, no checkpoint of this step", file=sys.stderr)
-        return 130
-    if result.train.stopped_by is not None:
-        return 128 + int(result.train.stopped_by)
-    return 0
+    return T.run_main(argv, "gptcore.finetune", parse_args, lambda cfg: finetune(cfg, resume_command(argv)),
+                      lambda cfg: ("; lower --batch-size (raise --grad-accum), use LoRA (--lora-rank 16) with "
+                                   "--base-dtype bf16, --grad-checkpointing, or a shorter --context-length"),
+                      "interrupted twice: stopped at once, no checkpoint of this step", lambda r: r.train.stopped_by)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

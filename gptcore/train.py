@@ -1459,37 +1459,46 @@ def resume_command(argv: list[str]) -> str:
     return shlex.join(head + args + ["--resume", "auto"])
 
 
-def _main(argv: list[str]) -> int:
+def run_main(argv: list[str], prog: str, parse: Callable, run: Callable, oom_hint: Callable,
+             interrupted: str, stopped_by: Callable) -> int:
+    """The exit statuses of a training CLI (train, finetune): 2 for a config error or an OOM while
+    setting up, 1 for a run that started and failed, 130 for a second Ctrl-C, 128 + signal for a
+    graceful stop, else 0; with --debug each failure raises instead."""
     cfg = None
     try:
-        cfg = parse_args(argv)
-        result = train(cfg, resume_command(argv))
+        cfg = parse(argv)
+        result = run(cfg)
     except ConfigError as e:
         if debug_enabled(argv):
             raise
-        print(f"gptcore.train: config error: {e}", file=sys.stderr)
+        print(f"{prog}: config error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:  # the run started and failed: status 1, the checkpoint named
         if debug_enabled(argv):
             raise
-        print(f"gptcore.train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:
         if debug_enabled(argv) or cfg is None:
             raise
-        print(f"gptcore.train: error: out of GPU memory while setting up (batch_size {cfg.batch_size}, "
-              f"grad_accum {cfg.grad_accum}). To fit: lower --batch-size (raise --grad-accum to keep the global "
-              f"batch), add --grad-checkpointing, use --dtype bf16, shorten --context-length, or train with FSDP",
-              file=sys.stderr)
+        print(f"{prog}: error: out of GPU memory while setting up{oom_hint(cfg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug_enabled(argv):
             raise
-        print("gptcore.train: interrupted: stopped at once, no checkpoint of this step", file=sys.stderr)
+        print(f"{prog}: {interrupted}", file=sys.stderr)
         return 130
-    if result.stopped_by is not None:
-        return 128 + int(result.stopped_by)
-    return 0
+    stop = stopped_by(result)
+    return 0 if stop is None else 128 + int(stop)
+
+
+def _main(argv: list[str]) -> int:
+    return run_main(argv, "gptcore.train", parse_args, lambda cfg: train(cfg, resume_command(argv)),
+                    lambda cfg: (f" (batch_size {cfg.batch_size}, grad_accum {cfg.grad_accum}). To fit: lower "
+                                 f"--batch-size (raise --grad-accum to keep the global batch), add "
+                                 f"--grad-checkpointing, use --dtype bf16, shorten --context-length, or train "
+                                 f"with FSDP"),
+                    "interrupted: stopped at once, no checkpoint of this step", lambda r: r.stopped_by)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
