@@ -6,15 +6,20 @@
 One step = zero_grad, forward + loss under bf16 autocast, backward, clip_grad_norm_(1.0) over the
 trainable parameters, fused AdamW, on synthetic SFT batches: B sequences of T random token ids whose
 first half is "prompt" (target -100) and second half "response", as instruction data looks.
-Configurations (rows), GPT-2 124M random init, triton backend unless named:
+Configurations (rows), GPT-2 124M random init, triton backend unless named. On a GPU the rows
+without a suffix run the step the way the trainer and gptcore.finetune run it by default there: the
+whole step captured in one CUDA graph (gptcore.graph_step.GraphedStep, --cuda-graph auto), which needs
+static shapes, so rows=all; ``-eager`` rows step the same thing without the graph.
 
     pretrain            full weights, every position a target (the gptcore.train step): the speed SFT must keep
     full-sft            full weights, masked targets, LM head over every row (rows=all)
-    full-sft-rows       full weights, masked targets, LM head over the target rows only (rows=targets,
-                        gptcore.finetune's eager default)
+    full-sft-rows       full weights, masked targets, LM head over the target rows only (rows=targets, eager:
+                        its shapes change with the batch, so gptcore.finetune's eager fallback)
     lora                LoRA rank 16 on c_attn, c_proj (attention and MLP) and c_fc, alpha 32, base frozen
                         in bf16, only the adapters in the optimizer, rows=all
-    lora-rows           the same with rows=targets
+    lora-ckpt           the same with --grad-checkpointing (each block recomputed in backward)
+    lora-rows           lora with rows=targets (eager)
+    pretrain-eager, full-sft-eager, lora-eager, lora-ckpt-eager   the graph rows stepped eagerly
     hf-peft-lora        transformers GPT2LMHeadModel (SDPA attention) + peft LoRA with the same rank,
                         alpha and targets, base in bf16 (adapters fp32, as PEFT casts them), labels -100
                         on the prompt, the same optimizer and clipping
@@ -35,7 +40,8 @@ import torch
 from bench import harness
 from bench.train_step import _err, _free
 
-CONFIGS = ("pretrain", "full-sft", "full-sft-rows", "lora", "lora-rows", "hf-peft-lora")
+CONFIGS = ("pretrain", "full-sft", "lora", "lora-ckpt", "full-sft-rows", "lora-rows", "pretrain-eager",
+           "full-sft-eager", "lora-eager", "lora-ckpt-eager", "hf-peft-lora")
 RANK, ALPHA, TARGETS = 16, 32, "c_attn,c_proj,c_fc"
 
 
@@ -50,8 +56,11 @@ def _batch(B: int, T: int, vocab: int, device, masked: bool):
 
 def _gptcore_step(cfg_name: str, preset: str, B: int, T: int, device, dtype):
     from gptcore import GPT, GPTConfig
+    from gptcore.graph_step import GraphedStep, adamw
     from gptcore.lora import apply_lora, cast_base
 
+    graph = device.type == "cuda" and not cfg_name.endswith(("-rows", "-eager"))
+    cfg_name = cfg_name.removesuffix("-eager")
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(preset, context_length=max(T, 64) if preset == "tiny" else T)
     backend = "triton" if device.type == "cuda" else "torch"
@@ -62,9 +71,17 @@ def _gptcore_step(cfg_name: str, preset: str, B: int, T: int, device, dtype):
         if dtype == torch.bfloat16:
             cast_base(model, torch.bfloat16)
     model.loss_rows = "targets" if cfg_name.endswith("-rows") else "all"
+    model.grad_checkpointing = cfg_name.endswith("-ckpt")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     x, y = _batch(B, T, cfg.vocab_size, device, masked=cfg_name != "pretrain")
+    if graph:  # the trainer's default step on CUDA: one captured graph, capturable fused AdamW
+        opt = adamw([{"params": params}], 1e-4, (0.9, 0.999), device)
+        gs = GraphedStep(lambda xb, yb: model.loss(xb, yb), params, opt, accum=1, batch_size=B, seq_len=T,
+                         device=device, autocast=lambda: torch.autocast("cuda", dtype=dtype), grad_clip=1.0)
+        gs.load(0, x, y)
+        gs.capture()
+        return (lambda: gs.replay(1e-4)), sum(p.numel() for p in params), (model, gs)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     ac = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
 
     def step():
@@ -119,15 +136,22 @@ def _hf_step(preset: str, B: int, T: int, device, dtype):
 def _measure(name: str, build, B: int, T: int, quick: bool) -> dict:
     row = {"area": "finetune", "op": "sft_step", "impl": name, "shape": {"B": B, "T": T}}
     try:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         step, n_train, keep = build()
+        graph = isinstance(keep, tuple)  # a GraphedStep: its activations live in the graph's pool
+        row["cuda_graph"] = graph
         for _ in range(3):
             step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            if graph:  # a replay allocates nothing: the peak is the one reached while capturing
+                row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            else:
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         t = harness.time_ms(step, warmup_ms=25 if quick else 100, rep_ms=100 if quick else 500)
         row.update(ms=t["median"], ms_p20=t["p20"], ms_p80=t["p80"], tokens_per_s=B * T / (t["median"] / 1e3),
                    trainable_params=n_train)
@@ -171,10 +195,13 @@ def run(quick: bool = False, preset: str | None = None, batch_size: int | None =
             continue
         if "hf-peft-lora" in by:
             r["vs_hf_peft"] = r["tokens_per_s"] / by["hf-peft-lora"]["tokens_per_s"]
-        if "pretrain" in by:
-            r["vs_pretrain"] = r["tokens_per_s"] / by["pretrain"]["tokens_per_s"]
-        if "full-sft" in by and r.get("peak_GiB") and by["full-sft"].get("peak_GiB"):
-            r["mem_vs_full_sft"] = r["peak_GiB"] / by["full-sft"]["peak_GiB"]
+        # eager rows against the eager pretrain / full-SFT rows, graph rows against the graph rows
+        sfx = "-eager" if r.get("cuda_graph") is False and "pretrain-eager" in by else ""
+        pre, full = by.get("pretrain" + sfx), by.get("full-sft" + sfx)
+        if pre:
+            r["vs_pretrain"] = r["tokens_per_s"] / pre["tokens_per_s"]
+        if full and r.get("peak_GiB") and full.get("peak_GiB"):
+            r["mem_vs_full_sft"] = r["peak_GiB"] / full["peak_GiB"]
     return rows
 
 
@@ -182,14 +209,14 @@ def targets(rows: list[dict]) -> list[str]:
     """One line per target of issue 20, met or not (only where both sides were measured)."""
     by = {r["impl"]: r for r in rows if r.get("tokens_per_s")}
     out = []
-    for lora in ("lora", "lora-rows"):
+    for lora in ("lora", "lora-ckpt", "lora-rows", "lora-eager"):
         if lora in by and "hf-peft-lora" in by:
             v = by[lora]["vs_hf_peft"]
             out.append(f"{lora} vs HF+PEFT tokens/s: {v:.2f}x (target >= 1.5x): {'met' if v >= 1.5 else 'NOT met'}")
         if lora in by and by[lora].get("mem_vs_full_sft"):
             m = by[lora]["mem_vs_full_sft"]
             out.append(f"{lora} peak memory vs full-sft: {m:.2f}x (target <= 0.6x): {'met' if m <= 0.6 else 'NOT met'}")
-    for full in ("full-sft", "full-sft-rows"):
+    for full in ("full-sft", "full-sft-rows", "full-sft-eager"):
         if full in by and "pretrain" in by:
             v = by[full]["vs_pretrain"]
             out.append(f"{full} vs pretrain tokens/s: {v:.3f}x (target >= 0.95x): {'met' if v >= 0.95 else 'NOT met'}")
