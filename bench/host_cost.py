@@ -44,6 +44,7 @@ def _cases(dev="cuda"):
     from gptcore.kernels.argmax import argmax_rows
     from gptcore.kernels.gelu import gelu
     from gptcore.kernels.layer_norm import layer_norm
+    from gptcore.kernels.linear import linear
     from gptcore.loss import linear_cross_entropy
 
     bf, f32 = torch.bfloat16, torch.float32
@@ -78,6 +79,16 @@ def _cases(dev="cuda"):
     pair("attention_qkv", lambda: attention_qkv(qkv, 2, causal=True), lambda: sdpa_qkv(qkv), (qkv,), (qkv,))
     pair("linear_cross_entropy", lambda: linear_cross_entropy(h, wte, tgt, impl="triton"),
          lambda: F.cross_entropy(F.linear(h, wte).float(), tgt), (h, wte), (h, wte))
+    wl, bl = leaf(768, 768, dt=f32), leaf(768, dt=f32)
+
+    def autocast(fn):
+        def run():
+            with torch.autocast("cuda", dtype=bf):
+                return fn(x, wl, bl)
+        return run
+
+    # the device-time Linear (used inside captured graphs only) beside autocast's F.linear
+    pair("linear (graph-only variant)", autocast(linear), autocast(F.linear), (x, wl, bl), (x, wl, bl))
     cases.append(("argmax", lambda: argmax_rows(logits), lambda: logits.argmax(-1)))
     return cases
 

@@ -37,7 +37,9 @@ reference and torch only.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
 from dataclasses import dataclass
 
@@ -46,6 +48,7 @@ import torch
 from bench import harness
 from gptcore import GPT, GPTConfig
 from gptcore.graph_step import GraphedStep, adamw
+from gptcore.ops import device_time_first
 
 NOMINAL_H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16, from NVIDIA's datasheet
 REFERENCE_SIDE = ("reference", "torch", "torch+compile")  # what ratio_vs_best_ref divides by
@@ -111,9 +114,12 @@ def _make_step(model, opt, x, y, fused_loss: bool, loss_fn=None):
     """The timed unit: forward + loss (bf16 autocast on CUDA), backward, AdamW step, zero_grad."""
     loss_fn = loss_fn or model.loss
     on_cuda = x.is_cuda
+    # GPTCORE_DEVICE_TIME_FIRST=1: the graph's device-time op variants, eagerly (as the trainer reads it)
+    device_first = os.environ.get("GPTCORE_DEVICE_TIME_FIRST") == "1"
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda), \
+                (device_time_first() if device_first else contextlib.nullcontext()):
             loss = loss_fn(x, y, fused=fused_loss)
         loss.backward()
         opt.step()

@@ -6,9 +6,11 @@
     step.capture()                 # once: warm-up on a side stream (no update), then the capture
     rec = step.replay(lr)          # (3,) fp32 on the device: [sum of micro-batch losses, grad norm, ok]
 
-What one replay runs, with no Python and no host sync: grads zeroed in place; for every micro-batch
-forward + loss under autocast and backward of loss / accum; the gradient norm and its clipping
-(clip_grad_norm_, foreach); the skip decision (ok = loss sum and grad norm finite); AdamW (fused,
+What one replay runs, with no Python and no host sync: for every micro-batch forward + loss under
+autocast and backward of loss / accum (the grads set to None first, so the first backward writes them
+into the graph's pool rather than adding into zeros; the ops in their device-time variants,
+gptcore.ops.device_time_first); the gradient norm, with the clipping factor folded into the fused
+AdamW's grad_scale (clip_and_check(fold=True): no pass over the grads); the skip decision (ok = loss sum and grad norm finite); AdamW (fused,
 capturable, lr a device tensor filled before each replay) told to skip through ``found_inf``, the
 attribute GradScaler sets on optimizers that support AMP scaling: torch's fused AdamW then leaves
 params and moments untouched and takes back its step-count increment (torch/optim/adam.py,
@@ -32,6 +34,8 @@ from typing import Callable, ContextManager, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from gptcore.ops import device_time_first
 
 MODES = ("auto", "on", "off")
 
@@ -133,23 +137,36 @@ def portable_state_dict(optimizer: torch.optim.Optimizer) -> dict:
     return sd
 
 
-def skip_if(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
+def skip_if(optimizer: torch.optim.Optimizer, found_inf: Tensor, grad_scale: Optional[Tensor] = None) -> None:
     """optimizer.step(), skipped on the device where found_inf (fp32 scalar) is 1: the fused AdamW reads
-    it the way GradScaler hands it over, and undoes its step-count increment."""
+    it the way GradScaler hands it over, and undoes its step-count increment. grad_scale (fp32 scalar on
+    the device, or None): the fused kernel divides every gradient by it before the update (clip_and_check
+    folds the clipping factor into it)."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         raise TypeError(f"{type(optimizer).__name__} cannot skip a step on the device (use a fused AdamW)")
     optimizer.found_inf = found_inf
+    optimizer.grad_scale = grad_scale
     try:
         optimizer.step()
     finally:
-        del optimizer.found_inf
+        del optimizer.found_inf, optimizer.grad_scale
 
 
-def clip_and_check(params: Sequence[Tensor], loss_sum: Tensor, grad_clip: float) -> tuple[Tensor, Tensor]:
-    """(grad norm fp32, finite bool) after clipping the grads to grad_clip (0: no clipping), on the device."""
+def clip_and_check(params: Sequence[Tensor], loss_sum: Tensor, grad_clip: float,
+                   fold: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(grad norm fp32, finite bool, grad_scale) for clipping the grads to grad_clip (0: no clipping),
+    on the device. fold False: the grads are scaled in place (clip_grad_norm_) and grad_scale is None.
+    fold True (for a fused AdamW, see skip_if): the grads are left as they are and grad_scale =
+    max((norm + 1e-6) / grad_clip, 1), the inverse of clip_grad_norm_'s factor, which the optimizer
+    divides by: the same update without a read-modify-write pass over every gradient."""
     foreach = True if loss_sum.is_cuda else None  # None: torch's per-tensor loop on the CPU, as before
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), foreach=foreach).float()
-    return gnorm, torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+    if not fold:
+        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), foreach=foreach).float()
+        return gnorm, torch.isfinite(loss_sum) & torch.isfinite(gnorm), None
+    grads = [p.grad for p in params if p.grad is not None]
+    gnorm = torch.nn.utils.get_total_norm(grads, foreach=foreach).float()
+    scale = torch.clamp((gnorm + 1e-6) / grad_clip, min=1.0) if grad_clip else None
+    return gnorm, torch.isfinite(loss_sum) & torch.isfinite(gnorm), scale
 
 
 # ---- the captured step ------------------------------------------------------------------------------
@@ -197,18 +214,20 @@ class GraphedStep:
 
     def _body(self) -> None:
         """The step itself: what capture() records and what run_eager() runs without a graph."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if grads:
-            torch._foreach_zero_(grads)  # static grads: zeroed in place, never set to None
+        for p in self.params:
+            # made afresh by the first backward (in the graph's pool when capturing): no zeroing pass,
+            # and no accumulate-add of the first micro-batch's gradient into zeros
+            p.grad = None
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
-        for m in range(self.accum):
-            with self.autocast():
-                loss = self.loss_fn(self.x[m], self.y[m])
-            loss_sum += loss.detach().float()
-            (loss / self.accum).backward()
-        gnorm, finite = clip_and_check(self.params, loss_sum, self.grad_clip)
+        with device_time_first():  # host work here is paid once, at capture
+            for m in range(self.accum):
+                with self.autocast():
+                    loss = self.loss_fn(self.x[m], self.y[m])
+                loss_sum += loss.detach().float()
+                (loss / self.accum).backward()
+        gnorm, finite, scale = clip_and_check(self.params, loss_sum, self.grad_clip, fold=True)
         torch.maximum((~finite).float(), self._force_skip, out=self._found_inf)
-        skip_if(self.optimizer, self._found_inf)
+        skip_if(self.optimizer, self._found_inf, scale)
         torch.stack([loss_sum, gnorm, finite.float()], out=self.record)
 
     def capture(self) -> None:

@@ -37,6 +37,13 @@ def apply_rope(x, cos, sin):
     return (x * cos + rot * sin).to(x.dtype)
 
 
+def _linear(mod: nn.Linear, x, ops: Ops):
+    """mod(x) through the backend's linear; a LoRA-wrapped module (gptcore.lora) runs its own forward."""
+    if type(mod) is nn.Linear:
+        return ops.linear(x, mod.weight, mod.bias)
+    return mod(x)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -48,12 +55,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ops: Ops, rope=None, kv_cache=None, layer: int = 0):
         B, T, C = x.shape
-        qkv = self.c_attn(x)  # (B, T, 3C)
+        qkv = _linear(self.c_attn, x, ops)  # (B, T, 3C)
         if kv_cache is None and rope is None and ops.attention_qkv is not None:
             # q, k, v read in place from qkv, and the gradient written as one packed dqkv
             p = self.drop_rate if self.training else 0.0
             y = ops.attention_qkv(qkv, self.n_heads, causal=True, dropout_p=p, scale=None)  # (B, H, T, D)
-            return self.resid_drop(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+            return self.resid_drop(_linear(self.c_proj, y.transpose(1, 2).reshape(B, T, C), ops))
         q, k, v = qkv.view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         if rope is not None:
             cos, sin = rope
@@ -69,7 +76,7 @@ class CausalSelfAttention(nn.Module):
             p = self.drop_rate if self.training else 0.0
             y = ops.attention(q, k, v, causal=True, dropout_p=p, scale=None)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_drop(self.c_proj(y))
+        return self.resid_drop(_linear(self.c_proj, y, ops))
 
 
 class MLP(nn.Module):
@@ -87,7 +94,7 @@ class MLP(nn.Module):
             h = ops.gelu(pre, self.c_fc.bias.to(pre.dtype), out_dtype=pre.dtype)
         else:
             h = ops.fc_gelu(x, self.c_fc.weight, self.c_fc.bias)
-        return self.drop(self.c_proj(h))
+        return self.drop(_linear(self.c_proj, h, ops))
 
 
 class Block(nn.Module):

@@ -16,6 +16,9 @@ Every op has the same signature in every backend:
                                                     end of the keys when Tq < Tk
   loss(h, weight, target, ignore_index)          -> mean CE of the LM head (None: full logits)
   token_pick(logits (B, V))                      -> (B,) greedy token ids
+  linear(x, weight, bias=None)                   -> F.linear(x, weight, bias); the triton backend's
+                                                    device-time backward (gptcore.kernels.linear)
+                                                    inside ``device_time_first()`` (captured graphs)
   decode_attention                               the KV cache's attention read, by name
 The model never imports a kernel directly; it asks ``get_ops(backend)``.
 """
@@ -24,6 +27,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -92,6 +97,26 @@ def _triton_token_pick(logits):
     return logits.argmax(dim=-1)
 
 
+_MODE = threading.local()
+
+
+@contextmanager
+def device_time_first():
+    """Inside: ops that trade host time for device time take the device-time variant. For code whose
+    host work is not on the critical path: a step captured in a CUDA graph (gptcore.graph_step)
+    replays kernels with no Python, so the host cost of the variant is paid once, at capture."""
+    prev = getattr(_MODE, "device_first", False)
+    _MODE.device_first = True
+    try:
+        yield
+    finally:
+        _MODE.device_first = prev
+
+
+def device_time_first_on() -> bool:
+    return getattr(_MODE, "device_first", False)
+
+
 @dataclass(frozen=True)
 class Ops:
     """The implementations one backend uses, and a human-readable line per op saying which.
@@ -112,6 +137,7 @@ class Ops:
     loss: Optional[Callable] = None
     decode_attention: str = "torch"
     token_pick: Callable = _torch_token_pick
+    linear: Callable = F.linear
 
 
 def triton_status() -> str | None:
@@ -131,18 +157,27 @@ def _triton_ops() -> Ops:
     from gptcore.kernels.attention import attention, attention_qkv
     from gptcore.kernels.gelu import gelu
     from gptcore.kernels.layer_norm import layer_norm
+    from gptcore.kernels.linear import linear as device_linear
+
+    def linear(x, weight, bias=None):
+        """F.linear; inside device_time_first() on CUDA with grad, the fp32-gradient backward."""
+        if (getattr(_MODE, "device_first", False) and x.is_cuda and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return device_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     def fc_gelu(x, weight, bias):
-        h = F.linear(x, weight)
+        h = linear(x, weight)
         # the result in the Linear's dtype, as F.linear(x, weight, bias) would give: under autocast
         # bf16 (not bf16 + fp32 bias = fp32, which the next Linear casts back); the kernel stores it
         return gelu(h, bias, out_dtype=h.dtype)
 
     rep = {"layer_norm": "triton", "gelu": "triton", "fc_gelu": "torch F.linear + triton gelu(bias)",
            "attention": "triton", "loss": "chunked LM head + triton CE rows",
-           "decode_attention": "triton split-KV decode", "token_pick": "triton split argmax"}
+           "decode_attention": "triton split-KV decode", "token_pick": "triton split argmax",
+           "linear": "torch F.linear (in captured graphs: fp32-gradient backward + triton bias colsum)"}
     return Ops("triton", layer_norm, fc_gelu, gelu, attention, rep, attention_qkv, _loss_fn("triton"),
-               "triton", _triton_token_pick)
+               "triton", _triton_token_pick, linear)
 
 
 def get_ops(backend: str) -> Ops:

@@ -71,7 +71,7 @@ from gptcore.data import prepare
 from gptcore.graph_step import (GraphedStep, GraphUnavailable, adamw, after_load_state_dict, clip_and_check,
                                 portable_state_dict, resolve, set_lr, skip_if, unavailable_reason)
 from gptcore.model import GPT
-from gptcore.ops import BACKENDS
+from gptcore.ops import BACKENDS, device_time_first
 from gptcore.rundir import (RunLock, append_run_marker, best_state, overwrite, read_metrics, resumable_states,
                             run_contents)
 from gptcore.tokenizer import ENDOFTEXT, get_encoding
@@ -1093,10 +1093,13 @@ class Trainer:
         cfg, accum = self.cfg, self.cfg.grad_accum
         set_lr(self.optimizer, lr)
         loss_sum = torch.zeros((), device=self.device)
+        # the graph's device-time op variants, eagerly (for comparisons: more host time per op)
+        device_first = os.environ.get("GPTCORE_DEVICE_TIME_FIRST") == "1"
         for micro in range(accum):
             x, y = self._micro_batch(micro)
             sync_later = self.ddp and micro < accum - 1
-            with (self.ddp_module.no_sync() if sync_later else nullcontext()), self.autocast():
+            mode = device_time_first() if device_first else nullcontext()
+            with (self.ddp_module.no_sync() if sync_later else nullcontext()), self.autocast(), mode:
                 loss = self.train_module(x, y)
             loss_sum += loss.detach().float()
             scaled = loss / accum
@@ -1113,13 +1116,14 @@ class Trainer:
             grads = [p.grad for p in params if p.grad is not None]
             torch._foreach_mul_(grads, torch.where(torch.isfinite(loss_sum), 1.0, float("nan")))
             self.scaler.unscale_(self.optimizer)
-        gnorm, finite = clip_and_check(params, loss_sum, cfg.grad_clip)
+        fused = self.scaler is None and getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        gnorm, finite, clip_scale = clip_and_check(params, loss_sum, cfg.grad_clip, fold=fused)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # fused AdamW: the scaler's skip is decided on the device
             self.scaler.update()
             ok = torch.isfinite(loss_sum)
         elif getattr(self.optimizer, "_step_supports_amp_scaling", False):  # CUDA: fused AdamW
-            skip_if(self.optimizer, (~finite).float())
+            skip_if(self.optimizer, (~finite).float(), clip_scale)
             ok = finite
         else:  # CPU: reading the flag costs no device sync
             ok = finite

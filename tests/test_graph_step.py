@@ -204,12 +204,14 @@ GPU = ["--preset", "tiny", "--batch-size", "8", "--warmup-steps", "2", "--eval-s
        "--device", "cuda", "--no-progress", "--sample-tokens", "0", "--log-interval", "3"]
 
 
-def _gpu_run(out: Path, *extra) -> tuple[int, str]:
+def _gpu_run(out: Path, *extra, env: dict | None = None) -> tuple[int, str]:
     import contextlib
     import io
 
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
         rc = T.main(GPU + ["--out-dir", str(out), *extra])
     return rc, buf.getvalue()
 
@@ -219,12 +221,14 @@ def _gpu_run(out: Path, *extra) -> tuple[int, str]:
                                                    ("triton", "bf16", ["--grad-checkpointing"])],
                          ids=["triton-bf16", "torch-bf16", "triton-fp32", "triton-bf16-grad-checkpointing"])
 def test_gpu_graph_step_matches_the_eager_step_bit_for_bit(tmp_path, backend, dtype, extra):
-    """Same kernels in the same order, grads zeroed in place (0 + g == g exactly), the same capturable
+    """Same kernels in the same order (the eager run told to use the graph's device-time variants), grads
+    made afresh by the first backward in both, the same capturable
     fused AdamW with the same fp32 lr tensor and on-device skip in both paths: the losses and grad norms
     of the captured step equal the eager step's exactly (no dropout here: the paths seed it differently)."""
     common = ["--max-steps", "7", "--grad-accum", "2", "--eval-interval", "0", "--ckpt-interval", "0",
               "--backend", backend, "--dtype", dtype, *extra]
-    rc_e, log_e = _gpu_run(tmp_path / "eager", "--cuda-graph", "off", *common)
+    # the eager step with the graph's device-time op variants (gptcore.ops.device_time_first)
+    rc_e, log_e = _gpu_run(tmp_path / "eager", "--cuda-graph", "off", *common, env={"GPTCORE_DEVICE_TIME_FIRST": "1"})
     rc_g, log_g = _gpu_run(tmp_path / "graph", "--cuda-graph", "on", *common)
     assert rc_e == rc_g == 0
     assert "cuda graph: off (--cuda-graph off)" in log_e and "cuda graph: captured one optimizer step" in log_g
