@@ -1098,12 +1098,14 @@ class Trainer:
         for micro in range(accum):
             x, y = self._micro_batch(micro)
             sync_later = self.ddp and micro < accum - 1
-            mode = device_time_first() if device_first else nullcontext()
-            with (self.ddp_module.no_sync() if sync_later else nullcontext()), self.autocast(), mode:
-                loss = self.train_module(x, y)
-            loss_sum += loss.detach().float()
-            scaled = loss / accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with (self.ddp_module.no_sync() if sync_later else nullcontext()), \
+                    (device_time_first() if device_first else nullcontext()):
+                with self.autocast():
+                    loss = self.train_module(x, y)
+                loss_sum += loss.detach().float()
+                scaled = loss / accum
+                # inside the mode: grad checkpointing's recompute runs in backward
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         stop = torch.zeros((), device=self.device)
         if self.ddp:
             packed = torch.stack([loss_sum, torch.full((), float(stop_requested()), device=self.device)])
