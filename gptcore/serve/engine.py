@@ -14,9 +14,10 @@ One step (``step``), the scheduler's iteration:
      can ever hold, so a running request never runs out of blocks and nothing needs to be
      preempted; blocks themselves are taken from the free list only as tokens arrive, and the
      utilisation metric counts those;
-  3. launch: up to ``prefill_chunk`` prompt tokens of the admitted requests, oldest first, in
-     chunks (every first chunk of the step in one right-padded forward, later chunks attending to
-     their earlier ones through the cache); then one decode forward over every decoding
+  3. launch: up to ``prefill_chunk`` prompt tokens of the admitted requests, oldest first (the
+     oldest chunked when it does not fit, the others only whole), every first chunk of the step
+     in one right-padded forward, a later chunk attending to its earlier ones through the cache;
+     then one decode forward over every decoding
      sequence, (B, 1) tokens, each at its own position, its input token read on the device from
      the previous step's sample (on CUDA replayed from a CUDA graph captured per batch-size
      bucket, padding rows writing into a scratch block; elsewhere eager); then one batched
@@ -368,18 +369,22 @@ class Engine:
     def _prefill_step(self) -> list[tuple[list[Seq], torch.Tensor]]:
         """Forward up to prefill_chunk prompt tokens; returns (choices, logits) of the requests
         whose prompt is now complete (sampled with the decode rows in one pass)."""
+        # The oldest unfinished prompt takes as much of the budget as it needs (chunked when it
+        # needs more); after it, a prompt joins only whole, so a step has at most one later
+        # chunk (which attends to its cache) besides one right-padded forward over first chunks
+        # (causal attention over the chunk alone; padding positions write past each row's
+        # length, where nothing is read before decode overwrites it): few forwards per step,
+        # whose host cost (an eager forward's launches) is what a prefill costs the running streams.
         budget, plan = self.prefill_chunk, []
         for req in self._prefilling:
             if budget <= 0:
                 break
-            if req.done:
+            rem = len(req.prompt) - req.prefilled
+            if req.done or (plan and rem > budget):
                 continue
-            T = min(budget, len(req.prompt) - req.prefilled)
+            T = min(budget, rem)
             budget -= T
             plan.append((req, req.prefilled, T))
-        # every first chunk of the step in one right-padded forward (causal attention over the
-        # chunk alone; padding positions write past each row's length, where nothing is read
-        # before decode overwrites it); later chunks, which attend to their cache, one by one
         firsts = [x for x in plan if x[1] == 0]
         groups = ([firsts] if firsts else []) + [[x] for x in plan if x[1] != 0]
         done = []
@@ -545,16 +550,18 @@ class Engine:
         now = time.perf_counter()
         touched: dict[int, Request] = {}
         n = 0
+        eos, tok = self.eos, self.tokenizer
         for b, (s, t) in enumerate(zip(seqs, toks)):
             s.inflight -= 1
-            req, p = s.req, s.req.params
+            req = s.req
             if s.finish is not None or req.done:
                 continue                      # stopped a step ago (or cancelled): a spare token
+            p = req.params
             n += 1
             touched[req.id] = req
             if req.first_token_at is None:
                 req.first_token_at = now
-            if t in p.stop_token_ids or (t == self.eos and not p.ignore_eos):
+            if (t == eos and not p.ignore_eos) or (p.stop_token_ids and t in p.stop_token_ids):
                 s.finish = "stop"
                 continue
             s.tokens.append(t)
@@ -562,8 +569,8 @@ class Engine:
             if lps is not None and p.logprobs is not None:
                 k = p.logprobs
                 s.pending_lp.append(TokenLogprob(t, lps[0][b], list(zip(lps[2][b][:k], lps[1][b][:k]))))
-            if self.tokenizer is not None:
-                s.text += s.utf8.decode(self.tokenizer.decode_single_token_bytes(t))
+            if tok is not None:
+                s.text += s.utf8.decode(tok.decode_single_token_bytes(t))
                 if p.stop and s.hit_stop():
                     s.finish, s.cut_by_stop = "stop", True
                     continue
@@ -577,7 +584,7 @@ class Engine:
         for s in req.seqs:
             if s.finish_sent or (s.finish is None and not s.pending_tokens):
                 continue
-            text = s.take_text()
+            text = s.take_text() if self.tokenizer is not None else ""
             if s.finish is not None:
                 s.finish_sent = True
                 if s.blocks:

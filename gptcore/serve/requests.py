@@ -24,7 +24,7 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """What one request produced in one step, for one of its choices (``index``).
 
