@@ -550,3 +550,77 @@ def test_engine_batched_first_prefill_chunks_match_offline():
     assert any(b > 1 and t > 1 for b, t in shapes)
     assert [o[0]["tokens"] for o in outs] == [generate(m, [p], 10, temperature=0)[0] for p in ps]
     _assert_no_leak(eng)
+
+
+# ---- the pipelined step, batched sampling and the prefill plan ----------------------------------
+def _penalized_reference(m, prompt, n, presence, frequency):
+    """Greedy decoding with OpenAI's presence/frequency penalties over the generated tokens, by
+    a full forward per token (no cache): the oracle of the engine's per-slot count rows."""
+    seq, out = list(prompt), []
+    counts = torch.zeros(m.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(torch.tensor([seq]))[0, -1].float()
+            logits = logits - (presence * (counts > 0).float() + frequency * counts)
+            t = int(logits.argmax())
+            out.append(t)
+            seq.append(t)
+            counts[t] += 1
+    return out
+
+
+def test_engine_penalties_batched_per_row_match_reference(small):
+    """Penalized and plain rows share batches; slots are reused by later requests (their count
+    rows must start from zero): every request gives its own reference tokens."""
+    g = random.Random(11)
+    settings = [(0.0, 0.0), (2.0, 0.0), (0.0, 1.5), (1.0, 1.0), (-1.0, 0.5)]
+    reqs = [(p, settings[i % len(settings)]) for i, p in enumerate(_prompts(9, seed=12, lo=2, hi=20, vocab=512))]
+    eng = Engine(small, max_batch=3, prefill_chunk=32, eos_token_id=None)
+    results = {}
+    for p, (pr, fr) in reqs:
+        eng.submit(p, SamplingParams(max_tokens=10, temperature=0, presence_penalty=pr, frequency_penalty=fr),
+                   lambda ev, key=(tuple(p), pr, fr): results.setdefault(key, []).extend(ev.tokens))
+    while eng.has_work():
+        eng.step()
+    for p, (pr, fr) in reqs:
+        assert results[(tuple(p), pr, fr)] == _penalized_reference(small, p, 10, pr, fr), (pr, fr)
+    _assert_no_leak(eng)
+
+
+def test_engine_never_launches_past_max_tokens(small):
+    """The host reads a step's tokens one step later; the engine must still stop launching a
+    sequence at max_tokens: exactly max_tokens - 1 decode rows per request (its first token
+    comes from the prefill), also for a prompt + max_tokens that fills the context exactly."""
+    ps = [_prompts(1, seed=13, lo=CTX - 9, hi=CTX - 9, vocab=512)[0]] + _prompts(4, seed=15, lo=3, hi=30, vocab=512)
+    eng = Engine(small, max_batch=3, block_size=8, eos_token_id=None)
+    rows, orig = [], small.forward
+    small.forward = lambda ids, *a, **k: (rows.append(ids.shape[0] if ids.shape[1] == 1 else 0), orig(ids, *a, **k))[1]
+    try:
+        out = eng.generate(ps, SamplingParams(max_tokens=9, temperature=0))
+    finally:
+        del small.forward
+    assert sum(rows) == len(ps) * (9 - 1)
+    assert all(o[0]["finish_reason"] == "length" for o in out)
+    assert [o[0]["tokens"] for o in out] == [generate(small, [p], 9, temperature=0)[0] for p in ps]
+    _assert_no_leak(eng)
+
+
+def test_engine_prefill_plan_few_forwards_per_step(small):
+    """Per step: at most one later chunk (the oldest prompt's) and one padded forward over
+    whole first chunks; a prompt that does not fit the remaining budget waits whole."""
+    eng = Engine(small, max_batch=8, prefill_chunk=32, eos_token_id=None)
+    calls, orig = [], small.hidden_states
+    small.hidden_states = lambda ids, *a, **k: (calls.append((eng.steps, tuple(ids.shape))), orig(ids, *a, **k))[1]
+    try:
+        prompts = _prompts(8, seed=14, lo=5, hi=50, vocab=512)
+        outs = eng.generate(prompts, SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        del small.hidden_states
+    per_step = {}
+    for step, shape in calls:
+        if shape[1] > 1:
+            per_step.setdefault(step, []).append(shape)
+    assert per_step and all(len(v) <= 2 for v in per_step.values())
+    assert all(sum(b * t for b, t in v) <= 8 * 32 for v in per_step.values())
+    assert [o[0]["tokens"] for o in outs] == [generate(small, [p], 4, temperature=0)[0] for p in prompts]
+    _assert_no_leak(eng)
