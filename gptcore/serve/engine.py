@@ -39,9 +39,11 @@ whole cache (``ParamError``, 400). Every request ends with exactly one final eve
 (finish_reason "stop", "length", "cancelled" or "error"), after which it holds no block:
 ``free_blocks() == num_blocks`` whenever nothing runs (the tests assert it).
 
-Modules: gptcore.serve.paged (block pool, device block table, staging, the model's cache view,
-decode graphs), gptcore.serve.requests (requests, choices, text and events),
-gptcore.serve.sampling (parameters and the batched pick).
+Modules: this one schedules (queue, admission, prefill plan, which rows decode, stops, events);
+gptcore.serve.runner runs the device side of a step (prefill / decode forwards, graphs, sampling,
+the copy to the host); gptcore.serve.paged holds the block pool, device block table, pinned stage,
+the model's cache view and the decode graphs; gptcore.serve.requests the requests, choices, text
+and events; gptcore.serve.sampling the parameters and the batched pick.
 """
 from __future__ import annotations
 
@@ -54,30 +56,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from gptcore import _ext
-from gptcore.kv_cache import default_attention
-from gptcore.serve.paged import BatchView, BlockPool, DecodeGraph, Stage
 from gptcore.serve.requests import Event, EventFn, Request, Seq, TokenLogprob
-from gptcore.serve.sampling import ParamError, SamplingParams, pick
+from gptcore.serve.runner import Launched, ModelRunner
+from gptcore.serve.sampling import ParamError, SamplingParams
 
 __all__ = ["Engine", "EngineFull", "Event", "TokenLogprob"]
 
 
 class EngineFull(RuntimeError):
     """The waiting queue is full (or the engine is draining): try again later."""
-
-
-class _Launched:
-    """One step's sampled rows, on their way to the host: (seqs, tokens, logprobs) copies and
-    the event after which the host copies are complete (None on the CPU: already there)."""
-
-    def __init__(self, seqs: list[Seq], host: list[torch.Tensor], event):
-        self.seqs, self.host, self.event = seqs, host, event
-
-    def read(self):
-        if self.event is not None:
-            self.event.synchronize()
-        return [h.tolist() for h in self.host]
 
 
 class Engine:
@@ -113,24 +100,12 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.max_blocks = -(-self.max_seq_len // block_size)
         self.num_blocks = num_blocks or max_batch * self.max_blocks
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.attention = default_attention(self.device) if model.backend == "triton" else model.backend
-        if self.attention == "triton" and model.backend != "triton":
-            self.attention = "torch"
-        self._ops = _ext.ops()
-        H, D, L = cfg.n_heads, cfg.head_dim, cfg.n_layers
-        # zeros: masked keys/values are multiplied by 0 and must not be NaN
-        self.storage = torch.zeros(L, 2, self.num_blocks + 1, H, block_size, D, dtype=self.dtype, device=self.device)
-        self.scratch = self.num_blocks
-        self._offsets = torch.arange(max(self.max_seq_len, prefill_chunk) + block_size, device=self.device)
-        self.pool = BlockPool(self.num_blocks, block_size, max_batch, self.max_blocks, self.device)
-        self._stage = Stage(self.device, max_batch * (prefill_chunk + 8) + 4096, 8 * max_batch + 256)
-        # per batch slot, on the device: the last sampled token (the next decode step's input)
-        # and, once a penalized request runs, its generated-token counts (max_batch + 1, V)
-        self._last_tok = torch.zeros(max_batch + 1, dtype=torch.long, device=self.device)
-        self._counts: Optional[torch.Tensor] = None
-        self._launched: Optional[_Launched] = None   # the step whose tokens the host reads next
+        self.runner = ModelRunner(model, block_size=block_size, num_blocks=self.num_blocks, max_batch=max_batch,
+                                  max_seq_len=self.max_seq_len, prefill_chunk=prefill_chunk,
+                                  cuda_graphs=cuda_graphs, seed=seed)
+        self.pool = self.runner.pool
+        self.device = self.runner.device
+        self._launched: Optional[Launched] = None   # the step whose tokens the host reads next
         self._reserved = 0
         self._ids = itertools.count(1)
         self._lock = threading.Condition()
@@ -140,14 +115,6 @@ class Engine:
         self._prefilling: list[Request] = []
         self._decoding: list[Seq] = []
         self._requests: dict[int, Request] = {}
-        self._rng = torch.Generator(device=self.device)
-        if seed is None:
-            self._rng.seed()
-        else:
-            self._rng.manual_seed(seed)
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graph_note = "eager" if not self.cuda_graphs else "cuda-graph"
-        self._graphs: dict[int, DecodeGraph] = {}
         self._thread: Optional[threading.Thread] = None
         self._closing = False
         self._stop = False
@@ -293,7 +260,7 @@ class Engine:
             if req is not None:
                 self._finish_request(req, "cancelled")
         self._admit()
-        self._stage.next_step()
+        self.runner.stage.next_step()
         t1 = time.perf_counter()
         tm["schedule"] += t1 - t0
         pre: list[tuple[list[Seq], torch.Tensor]] = []     # requests whose prompt completed now
@@ -318,8 +285,8 @@ class Engine:
                 logits = ready[0][1] if len(ready) == 1 else torch.cat([lg for _, lg in ready])
                 if any(s.slot < 0 for s in seqs):   # rows of a request ended in this step
                     keep = [b for b, s in enumerate(seqs) if s.slot >= 0]
-                    seqs, logits = [seqs[b] for b in keep], logits.index_select(0, self._stage.put(keep))
-                launched = self._sample(seqs, logits) if seqs else None
+                    seqs, logits = [seqs[b] for b in keep], logits.index_select(0, self.runner.stage.put(keep))
+                launched = self.runner.sample(seqs, logits) if seqs else None
             except Exception as e:  # noqa: BLE001
                 self._fail(list({s.req.id: s.req for s in seqs}.values()), e)
         # prefilled requests decode from the next step on (their first token is on the device)
@@ -389,160 +356,43 @@ class Engine:
         groups = ([firsts] if firsts else []) + [[x] for x in plan if x[1] != 0]
         done = []
         for group in groups:
-            Tm = max(T for _, _, T in group)
-            start = group[0][1]
-            for req, st, T in group:
-                self.pool.grow(req.seqs[0], st + T)
-            self.pool.sync_table(self._stage)
-            slots = [req.seqs[0].slot for req, _, _ in group]
-            x = self._stage.put([req.prompt[st:st + T] + [0] * (Tm - T) + [st, st + T, slot]
-                                 for (req, st, T), slot in zip(group, slots)])
-            ids, write, lengths = x[:, :Tm], x[:, Tm].contiguous(), x[:, Tm + 1].contiguous()
-            width = -(-(start + Tm) // self.block_size)
-            if len(group) == 1:
-                table = self.pool.table[slots[0]:slots[0] + 1, :width].contiguous()
-            else:
-                table = self.pool.table[:, :width].index_select(0, x[:, Tm + 2].contiguous())
-            view = BatchView(self, table, write, lengths, Tm, start)
-            hidden = self.model.hidden_states(ids, kv_cache=view)          # (R, Tm, C)
+            hidden = self.runner.prefill([(req.seqs[0], req.prompt[st:st + T], st, T) for req, st, T in group])
             rows, cols, seqs = [], [], []
             for r, (req, st, T) in enumerate(group):
                 req.prefilled = req.seqs[0].length = st + T
                 if req.prefilled < len(req.prompt):
                     continue
                 self._prefilling.remove(req)
-                self._fork(req)
+                self.runner.fork(req.seqs[0], req.seqs[1:])    # choices 1..n-1: copies of the prompt
                 rows += [r] * len(req.seqs)
                 cols += [T - 1] * len(req.seqs)
                 seqs += req.seqs
             if seqs:
-                rc = self._stage.put([rows, cols])
-                done.append((seqs, self.model.lm_head(hidden[rc[0], rc[1]])))   # (n, V)
+                done.append((seqs, self.runner.last_logits(hidden, rows, cols)))   # (n, V)
         return done
 
-    def _fork(self, req: Request) -> None:
-        """Choices 1..n-1 get their own copy of choice 0's prompt blocks."""
-        src = req.seqs[0]
-        for s in req.seqs[1:]:
-            self.pool.grow(s, src.length)
-            s.length = src.length
-        if len(req.seqs) > 1:
-            idx = self._stage.put([src.blocks * (len(req.seqs) - 1), [b for s in req.seqs[1:] for b in s.blocks]])
-            self.storage.index_copy_(2, idx[1], self.storage.index_select(2, idx[0]))
-
     # ---- decode ------------------------------------------------------------------------------
-    def _bucket(self, B: int) -> int:
-        b = 1
-        while b < B:
-            b *= 2
-        return min(b, self.max_batch) if B <= self.max_batch else B
-
     def _decode_step(self) -> Optional[tuple[list[Seq], torch.Tensor]]:
         # a sequence whose last token is still in flight decodes on it (the device has it); one
         # that has every token it may have (max_tokens, counting the in-flight one) does not
         seqs = [s for s in self._decoding
                 if s.finish is None and not s.req.done and len(s.tokens) + s.inflight < s.req.params.max_tokens]
-        if not seqs:
-            return None
-        B = len(seqs)
-        for s in seqs:
-            self.pool.grow(s, s.length + 1)
-        self.pool.sync_table(self._stage)
-        rows = [[s.slot for s in seqs], [s.length for s in seqs]]
-        if self.cuda_graphs:
-            logits = self._decode_graph(B, rows)
-        else:
-            inp = self._stage.put(rows)
-            width = max(len(s.blocks) for s in seqs)
-            table = self.pool.table[:, :width].index_select(0, inp[0])
-            tok = self._last_tok.index_select(0, inp[0])
-            view = BatchView(self, table, inp[1], inp[1] + 1, 1, -1)
-            logits = self.model(tok[:, None], kv_cache=view)[:, -1]     # (B, V)
-        for s in seqs:
-            s.length += 1
-        return seqs, logits
+        return (seqs, self.runner.decode(seqs)) if seqs else None
 
     def capture_graphs(self) -> None:
         """Capture the decode graph of every batch bucket now (on CUDA; else nothing), so no
         capture happens while requests run."""
-        if not self.cuda_graphs:
-            return
-        b = 1
-        while self.cuda_graphs:
-            if b not in self._graphs:
-                self._decode_graph(0, [[], []], bucket=b)
-            if b >= self.max_batch:
-                break
-            b = min(2 * b, self.max_batch)
+        self.runner.capture_graphs()
 
-    def _decode_graph(self, B: int, rows: list[list[int]], bucket: int = 0) -> torch.Tensor:
-        Bb = bucket or self._bucket(B)
-        g = self._graphs.get(Bb)
-        pad = Bb - B
-        rows = [rows[0] + [self.pool.pad_slot] * pad, rows[1] + [0] * pad]
-        if g is None:
-            g = DecodeGraph(Bb, self.pool.pad_slot, self.device)
-        self._stage.put(rows, out=g.inp)
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.runner.cuda_graphs
 
-        def body():
-            slot, write = g.inp[0], g.inp[1]
-            view = BatchView(self, self.pool.table.index_select(0, slot), write, write + 1, 1, -1)
-            return self.model(self._last_tok.index_select(0, slot)[:, None], kv_cache=view)[:, -1]
-
-        if g.graph is None:
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    body()                                                  # warm-up (same writes)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    g.logits = body()
-                g.graph = graph
-                self._graphs[Bb] = g
-            except Exception as e:  # noqa: BLE001 - no graph: this and later steps run eagerly
-                torch.cuda.synchronize()
-                self.cuda_graphs = False
-                self.graph_note = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
-                return body()[:B]
-        g.graph.replay()
-        return g.logits[:B]
+    @property
+    def graph_note(self) -> str:
+        return self.runner.graph_note
 
     # ---- tokens ------------------------------------------------------------------------------
-    def _sample(self, seqs: list[Seq], logits: torch.Tensor) -> _Launched:
-        """Pick every row's token on the device, keep it as the slot's next input, count it for
-        penalties, and start its copy to the host (read by the next step)."""
-        params = [s.req.params for s in seqs]
-        slots = self._stage.put([s.slot for s in seqs])
-        pen = [b for b, p in enumerate(params) if p.penalized]
-        counts = None
-        if pen and self._counts is None:
-            self._counts = torch.zeros(self.max_batch + 1, self.vocab_size, dtype=torch.float32, device=self.device)
-        if self._counts is not None and self.pool.new_slots:
-            self._counts.index_fill_(0, self._stage.put(self.pool.new_slots), 0.0)
-        self.pool.new_slots = []
-        if pen:
-            counts = self._counts.index_select(0, slots)
-        res = pick(logits, params, [s.rng for s in seqs], counts, self._rng, put=self._stage.put)
-        self._last_tok.index_copy_(0, slots, res.tokens)
-        if pen:
-            pi = self._stage.put(pen)
-            self._counts.index_put_((slots[pi], res.tokens[pi]), torch.ones(len(pen), device=self.device),
-                                    accumulate=True)
-        out = [res.tokens] + ([] if res.logprobs is None else [res.logprobs, res.top_v, res.top_i])
-        event = None
-        if self.device.type == "cuda":
-            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
-            for h, t in zip(host, out):
-                h.copy_(t, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            out = host
-        for s in seqs:
-            s.inflight += 1
-        return _Launched(seqs, out, event)
-
     def _accept(self, seqs: list[Seq], values: list) -> int:
         """The host's work on one step's tokens: stops, text, events; finish what ended."""
         toks = values[0]
