@@ -624,3 +624,33 @@ def test_engine_prefill_plan_few_forwards_per_step(small):
     assert all(sum(b * t for b, t in v) <= 8 * 32 for v in per_step.values())
     assert [o[0]["tokens"] for o in outs] == [generate(small, [p], 4, temperature=0)[0] for p in prompts]
     _assert_no_leak(eng)
+
+
+def test_engine_prefill_fault_after_a_completed_prompt_leaks_nothing(small):
+    """A step whose second prefill forward raises, after its first completed a prompt: that
+    request too ends (with an error event) and returns its blocks; the engine goes on."""
+    eng = Engine(small, max_batch=4, prefill_chunk=32, block_size=8, eos_token_id=None)
+    events = {}
+    on = lambda ev: events.setdefault(ev.request_id, []).append(ev)  # noqa: E731
+    a = eng.submit(_prompts(1, seed=16, lo=50, hi=50, vocab=512)[0], SamplingParams(max_tokens=4, temperature=0), on)
+    eng.step()                                   # A's first chunk (32 of 50)
+    b = eng.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0), on)
+    real, calls = eng.runner.prefill, []
+
+    def flaky(group):
+        calls.append(len(group))
+        if len(calls) == 2:                      # B's whole prompt went first; A's later chunk raises
+            raise RuntimeError("injected fault")
+        return real(group)
+
+    eng.runner.prefill = flaky
+    try:
+        while eng.has_work():
+            eng.step()
+    finally:
+        del eng.runner.prefill
+    for rid in (a, b):
+        assert events[rid][-1].done and any(e.finish_reason == "error" for e in events[rid])
+    _assert_no_leak(eng)
+    assert eng.generate([[7, 8, 9]], SamplingParams(max_tokens=3, temperature=0))[0][0]["finish_reason"] == "length"
+    _assert_no_leak(eng)

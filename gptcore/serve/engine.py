@@ -14,15 +14,15 @@ One step (``step``), the scheduler's iteration:
      can ever hold, so a running request never runs out of blocks and nothing needs to be
      preempted; blocks themselves are taken from the free list only as tokens arrive, and the
      utilisation metric counts those;
-  3. launch: up to ``prefill_chunk`` prompt tokens of the admitted requests, oldest first (the
-     oldest chunked when it does not fit, the others only whole), every first chunk of the step
-     in one right-padded forward, a later chunk attending to its earlier ones through the cache;
-     then one decode forward over every decoding
-     sequence, (B, 1) tokens, each at its own position, its input token read on the device from
-     the previous step's sample (on CUDA replayed from a CUDA graph captured per batch-size
-     bucket, padding rows writing into a scratch block; elsewhere eager); then one batched
-     sampling pass over all rows (gptcore.serve.sampling.pick) whose tokens go to the device's
-     last-token buffer and, by one non-blocking copy, to the host;
+  3. launch: one decode forward over every decoding sequence, (B, 1) tokens, each at its own
+     position, its input token read on the device from the previous step's sample (on CUDA
+     replayed from a CUDA graph captured per batch-size bucket, padding rows writing into a
+     scratch block; elsewhere eager); then up to ``prefill_chunk`` prompt tokens of the admitted
+     requests, oldest first (the oldest chunked when it does not fit, the others only whole),
+     every first chunk of the step in one right-padded forward, a later chunk attending to its
+     earlier ones through the cache; then one batched sampling pass over all rows
+     (gptcore.serve.sampling.pick) whose tokens go to the device's last-token buffer and, by one
+     non-blocking copy, to the host;
   4. while the device runs that, the host reads the *previous* step's tokens (one wait on its
      copy, normally already done) and does the per-token work: stop tokens, stop strings,
      max_tokens, text, events; a finished request returns its blocks and its reservation.
@@ -263,22 +263,26 @@ class Engine:
         self.runner.stage.next_step()
         t1 = time.perf_counter()
         tm["schedule"] += t1 - t0
+        # decode first: the device runs it while the host launches the prefill forwards (an
+        # eager forward's launches cost the host more than the graph replay costs the device)
         pre: list[tuple[list[Seq], torch.Tensor]] = []     # requests whose prompt completed now
         dec = None
         try:
-            pre = self._prefill_step()
-        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the engine
-            self._fail(list(self._prefilling), e)
-        t2 = time.perf_counter()
-        tm["prefill"] += t2 - t1
-        try:
             dec = self._decode_step()
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the engine
             self._fail(list({s.req.id: s.req for s in self._decoding}.values()), e)
+        t2 = time.perf_counter()
+        tm["decode"] += t2 - t1
+        try:
+            pre = self._prefill_step()
+        except Exception as e:  # noqa: BLE001
+            # the prefilling requests, and any whose prompt completed in this step before the fault
+            decoding = {s.req.id for s in self._decoding}
+            self._fail([r for r in self._requests.values() if r.seqs and r.id not in decoding], e)
         t3 = time.perf_counter()
-        tm["decode"] += t3 - t2
+        tm["prefill"] += t3 - t2
         launched = None
-        ready = pre + ([dec] if dec is not None else [])
+        ready = ([dec] if dec is not None else []) + pre
         if ready:
             seqs = [s for sq, _ in ready for s in sq]
             try:
