@@ -533,6 +533,45 @@ def test_gpu_engine_gpt2_bf16_runs():
     _assert_no_leak(eng)
 
 
+@pytest.mark.gpu
+def test_gpu_engine_pipelined_sampling_paths_match_offline():
+    """On CUDA (graphs, pinned stage, tokens read one step late): seeded sampling equals offline
+    generate with that seed, penalized greedy rows equal the no-cache reference, logprobs equal
+    the model's log-softmax, all in shared batches; no leak."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", vocab_size=512, tie_weights=False, context_length=256)
+    m = GPT(cfg, backend="triton").cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    ps = _prompts(6, seed=31, hi=100, vocab=512)
+    eng = Engine(m, max_batch=4, prefill_chunk=64, eos_token_id=None)
+    eng.capture_graphs()
+    res = {}
+    kinds = [dict(temperature=0.8, top_k=40, seed=5), dict(temperature=0, presence_penalty=1.5, frequency_penalty=0.5),
+             dict(temperature=0, logprobs=2)]
+    for i, p in enumerate(ps):
+        eng.submit(p, SamplingParams(max_tokens=12, **kinds[i % 3]),
+                   lambda ev, i=i: res.setdefault(i, []).append(ev))
+    while eng.has_work():
+        eng.step()
+    assert eng.stats()["decode_mode"] == "cuda-graph"
+    for i, p in enumerate(ps):
+        toks = [t for ev in res[i] for t in ev.tokens]
+        kw = kinds[i % 3]
+        if "seed" in kw:
+            assert toks == generate(m, [p], 12, temperature=0.8, top_k=40, seed=5, cuda_graph=False)[0]
+        elif "presence_penalty" in kw:
+            assert toks == _penalized_reference(m, p, 12, 1.5, 0.5)
+        else:
+            assert toks == generate(m, [p], 12, temperature=0, cuda_graph=False)[0]
+            lp = [x for ev in res[i] for x in ev.logprobs][0]
+            full = torch.log_softmax(m(torch.tensor([p], device="cuda"))[0, -1].float(), -1)
+            assert abs(full[lp.token].item() - lp.logprob) < 1e-3 and lp.top[0][0] == int(full.argmax())
+    _assert_no_leak(eng)
+
+
 def test_engine_batched_first_prefill_chunks_match_offline():
     """Several prompts starting in one step are prefilled in one right-padded forward (seen in
     the forward shapes); each still gives exactly offline generate's greedy tokens, no leak."""
@@ -557,10 +596,11 @@ def _penalized_reference(m, prompt, n, presence, frequency):
     """Greedy decoding with OpenAI's presence/frequency penalties over the generated tokens, by
     a full forward per token (no cache): the oracle of the engine's per-slot count rows."""
     seq, out = list(prompt), []
-    counts = torch.zeros(m.config.vocab_size)
+    dev = next(m.parameters()).device
+    counts = torch.zeros(m.config.vocab_size, device=dev)
     with torch.no_grad():
         for _ in range(n):
-            logits = m(torch.tensor([seq]))[0, -1].float()
+            logits = m(torch.tensor([seq], device=dev))[0, -1].float()
             logits = logits - (presence * (counts > 0).float() + frequency * counts)
             t = int(logits.argmax())
             out.append(t)
