@@ -142,7 +142,7 @@ def run_continuous(engine: Engine, reqs, clients: int) -> dict:
             "itl_p99_over_p50": _pct(itl, 0.99) / _pct(itl, 0.5) if itl and _pct(itl, 0.5) else None,
             "kv_util": sum(util) / len(util) if util else None, "kv_occupancy": sum(occ) / len(occ) if occ else None,
             "leaked_blocks": engine.num_blocks - engine.free_blocks(), "decode_mode": engine.stats()["decode_mode"],
-            "steps": steps, "mean_batch": (engine.generated_tokens - tok0) / steps,
+            "prefill_mode": engine.stats()["prefill_mode"], "steps": steps, "mean_batch": (engine.generated_tokens - tok0) / steps,
             "step_ms": (t1 - t0) * 1e3 / steps,
             "host_us_per_step": {k: round((v - t_eng.get(k, 0.0)) * 1e6 / steps, 1) for k, v in engine.timings.items()}}
 

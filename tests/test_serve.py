@@ -694,3 +694,23 @@ def test_engine_prefill_fault_after_a_completed_prompt_leaks_nothing(small):
     _assert_no_leak(eng)
     assert eng.generate([[7, 8, 9]], SamplingParams(max_tokens=3, temperature=0))[0][0]["finish_reason"] == "length"
     _assert_no_leak(eng)
+
+
+def test_engine_prefill_buckets_padded_forward_matches_offline(small):
+    """The prefill graphs' padded (rows, tokens) bucket forward, run eagerly on the CPU: padding
+    rows on the scratch slot, padding tokens past each prompt; greedy tokens still equal offline
+    generate per prompt, and groups that fit no bucket (later chunks) still run eagerly."""
+    eng = Engine(small, max_batch=6, prefill_chunk=48, eos_token_id=None)
+    eng.runner.prefill_graphs = True
+    shapes, orig = [], small.hidden_states
+    small.hidden_states = lambda ids, *a, **k: (shapes.append(tuple(ids.shape)), orig(ids, *a, **k))[1]
+    try:
+        prompts = _prompts(2, seed=18, lo=60, hi=70, vocab=512) + _prompts(9, seed=17, lo=3, hi=20, vocab=512)
+        outs = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    finally:
+        del small.hidden_states
+    assert any(b in (2, 4, 8) and t in (16, 32) for b, t in shapes)      # bucketed first-chunk groups
+    assert any(t > 1 and t not in (16, 32, 64) for b, t in shapes)       # later chunks: eager, unpadded
+    assert [o[0]["tokens"] for o in outs] == [generate(small, [p], 6, temperature=0)[0] for p in prompts]
+    assert eng.runner.pool.table[eng.runner.pool.pad_slot].eq(eng.num_blocks).all()   # pad row: scratch only
+    _assert_no_leak(eng)

@@ -19,8 +19,9 @@ One step (``step``), the scheduler's iteration:
      replayed from a CUDA graph captured per batch-size bucket, padding rows writing into a
      scratch block; elsewhere eager); then up to ``prefill_chunk`` prompt tokens of the admitted
      requests, oldest first (the oldest chunked when it does not fit, the others only whole),
-     every first chunk of the step in one right-padded forward, a later chunk attending to its
-     earlier ones through the cache; then one batched sampling pass over all rows
+     every first chunk of the step in one right-padded forward (on CUDA replayed from a graph
+     of its (rows, tokens) bucket), a later chunk attending to its earlier ones through the
+     cache (eager); then one batched sampling pass over all rows
      (gptcore.serve.sampling.pick) whose tokens go to the device's last-token buffer and, by one
      non-blocking copy, to the host;
   4. while the device runs that, the host reads the *previous* step's tokens (one wait on its
@@ -208,7 +209,7 @@ class Engine:
                 "blocks_reserved": self._reserved,
                 "kv_utilization": live / (used * self.block_size) if used else 0.0,
                 "tokens_per_s": tps, "generated_tokens": self.generated_tokens, "steps": self.steps,
-                "decode_mode": self.graph_note}
+                "decode_mode": self.graph_note, "prefill_mode": self.runner.prefill_note}
 
     def has_work(self) -> bool:
         return bool(self._inbox or self._waiting or self._prefilling or self._decoding or self._cancels

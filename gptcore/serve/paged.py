@@ -190,3 +190,15 @@ class DecodeGraph:
         self.inp[0] = pad_slot
         self.graph = None
         self.logits = None
+
+
+class PrefillGraph:
+    """One (rows, tokens) bucket's captured prefill forward over first chunks. Its only input is
+    ``inp`` (Rb, Tb + 1): each row's token ids (right-padded) and, in the last column, its slot
+    (the pad slot for padding rows); every row writes from position 0."""
+
+    def __init__(self, Rb: int, Tb: int, pad_slot: int, device):
+        self.inp = torch.zeros((Rb, Tb + 1), dtype=torch.long, device=device)
+        self.inp[:, Tb] = pad_slot
+        self.graph = None
+        self.logits = None      # the graph's output: hidden states (Rb, Tb, C)

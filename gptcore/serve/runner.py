@@ -19,7 +19,7 @@ import torch
 
 from gptcore import _ext
 from gptcore.kv_cache import default_attention
-from gptcore.serve.paged import BatchView, BlockPool, DecodeGraph, Stage
+from gptcore.serve.paged import BatchView, BlockPool, DecodeGraph, PrefillGraph, Stage
 from gptcore.serve.requests import Seq
 from gptcore.serve.sampling import pick
 
@@ -68,6 +68,17 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.graph_note = "eager" if not self.cuda_graphs else "cuda-graph"
         self._graphs: dict[int, DecodeGraph] = {}
+        # Prefill graphs: a group of first chunks (every row starting at position 0) padded to
+        # (rows, tokens) buckets, powers of two up to 8 rows and the chunk budget's power of two,
+        # at most max(2 * prefill_chunk, 1024) padded tokens. An eager prefill forward costs the
+        # host every kernel launch of the model (milliseconds for GPT-2); its replay costs the
+        # device only. Later chunks (which gather their cache) and larger groups run eagerly.
+        self.prefill_graphs = self.cuda_graphs
+        self.prefill_note = "cuda-graph" if self.prefill_graphs else "eager"
+        self._pgraphs: dict[tuple[int, int], PrefillGraph] = {}
+        self._pf_tokens = max(2 * prefill_chunk, 1024)
+        self._pf_T = 1 << max(4, (prefill_chunk - 1).bit_length())
+        self._zeros = torch.zeros(8, dtype=torch.long, device=self.device)
 
     # ---- prefill -----------------------------------------------------------------------------
     def prefill(self, group: list[tuple[Seq, list[int], int, int]]) -> torch.Tensor:
@@ -79,6 +90,9 @@ class ModelRunner:
         for seq, _, st, T in group:
             self.pool.grow(seq, st + T)
         self.pool.sync_table(self.stage)
+        bucket = self._prefill_bucket(len(group), Tm) if start == 0 and self.prefill_graphs else None
+        if bucket is not None:
+            return self._prefill_graph(group, *bucket)
         x = self.stage.put([ids + [0] * (Tm - len(ids)) + [st, st + T, seq.slot] for seq, ids, st, T in group])
         ids, write, lengths = x[:, :Tm], x[:, Tm].contiguous(), x[:, Tm + 1].contiguous()
         width = -(-(start + Tm) // self.block_size)
@@ -88,6 +102,60 @@ class ModelRunner:
         else:
             table = self.pool.table[:, :width].index_select(0, x[:, Tm + 2].contiguous())
         return self.model.hidden_states(ids, kv_cache=BatchView(self, table, write, lengths, Tm, start))
+
+    def _prefill_bucket(self, R: int, Tm: int) -> Optional[tuple[int, int]]:
+        Rb, Tb = 1 << (R - 1).bit_length(), 1 << max(4, (Tm - 1).bit_length())
+        if Rb > 8 or Tb > self._pf_T or Tb > self.max_seq_len or Rb * Tb > self._pf_tokens:
+            return None
+        return Rb, Tb
+
+    def _prefill_buckets(self):
+        for Rb in (1, 2, 4, 8):
+            Tb = 16
+            while self._prefill_bucket(Rb, Tb) == (Rb, Tb):
+                yield Rb, Tb
+                Tb *= 2
+
+    def _prefill_graph(self, group, Rb: int, Tb: int) -> torch.Tensor:
+        """Replay (capturing first if needed) the (Rb, Tb) prefill graph over a first-chunk group;
+        padding rows use the pad slot (all scratch), padding tokens write past each row's length.
+        Returns the graph's hidden states (R, Tb, C), valid until the next replay."""
+        R = len(group)
+        pad = self.pool.pad_slot
+        rows = [ids + [0] * (Tb - len(ids)) + [seq.slot] for seq, ids, _, _ in group]
+        rows += [[0] * Tb + [pad]] * (Rb - R)
+        g = self._pgraphs.get((Rb, Tb))
+        if g is None:
+            g = PrefillGraph(Rb, Tb, pad, self.device)
+        self.stage.put(rows, out=g.inp)
+        width = -(-Tb // self.block_size)
+
+        def body():
+            table = self.pool.table[:, :width].index_select(0, g.inp[:, Tb].contiguous())
+            view = BatchView(self, table, self._zeros[:Rb], None, Tb, 0)
+            return self.model.hidden_states(g.inp[:, :Tb], kv_cache=view)          # (Rb, Tb, C)
+
+        if self.device.type != "cuda":
+            return body()[:R]       # the padded bucket forward without a graph (tests run it on the CPU)
+        if g.graph is None:
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    body()                                                  # warm-up (same writes)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    g.logits = body()
+                g.graph = graph
+                self._pgraphs[(Rb, Tb)] = g
+            except Exception as e:  # noqa: BLE001 - no prefill graphs: prefill runs eagerly from now on
+                torch.cuda.synchronize()
+                self.prefill_graphs = False
+                self.prefill_note = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
+                return body()[:R]
+        g.graph.replay()
+        return g.logits[:R]
 
     def last_logits(self, hidden: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
         """LM head over hidden[rows[i], cols[i]]: (len(rows), V), in one matmul."""
@@ -132,8 +200,8 @@ class ModelRunner:
         return logits
 
     def capture_graphs(self) -> None:
-        """Capture the decode graph of every batch bucket now (on CUDA; else nothing), so no
-        capture happens while requests run."""
+        """Capture the decode graph of every batch bucket and the prefill graph of every
+        (rows, tokens) bucket now (on CUDA; else nothing), so no capture happens while requests run."""
         b = 1
         while self.cuda_graphs:
             if b not in self._graphs:
@@ -141,6 +209,11 @@ class ModelRunner:
             if b >= self.max_batch:
                 break
             b = min(2 * b, self.max_batch)
+        for Rb, Tb in self._prefill_buckets():
+            if not self.prefill_graphs:
+                break
+            if (Rb, Tb) not in self._pgraphs:
+                self._prefill_graph([], Rb, Tb)        # padding rows only: writes go to the scratch block
 
     def _decode_graph(self, B: int, rows: list[list[int]], bucket: int = 0) -> torch.Tensor:
         Bb = bucket or self.bucket(B)
