@@ -347,7 +347,9 @@ class Engine:
         # (causal attention over the chunk alone; padding positions write past each row's
         # length, where nothing is read before decode overwrites it): few forwards per step,
         # whose host cost (an eager forward's launches) is what a prefill costs the running streams.
-        budget, plan = self.prefill_chunk, []
+        # With prefill graphs, a first chunk joins the group only while the group still fits a
+        # graph bucket (else it waits a step): the group is one replay, never an eager forward.
+        budget, plan, n_first, t_first = self.prefill_chunk, [], 0, 0
         for req in self._prefilling:
             if budget <= 0:
                 break
@@ -355,6 +357,10 @@ class Engine:
             if req.done or (plan and rem > budget):
                 continue
             T = min(budget, rem)
+            if plan and req.prefilled == 0 and not self.runner.prefill_group_ok(n_first + 1, max(t_first, T)):
+                continue
+            if req.prefilled == 0:
+                n_first, t_first = n_first + 1, max(t_first, T)
             budget -= T
             plan.append((req, req.prefilled, T))
         firsts = [x for x in plan if x[1] == 0]

@@ -109,6 +109,11 @@ class ModelRunner:
             return None
         return Rb, Tb
 
+    def prefill_group_ok(self, R: int, Tm: int) -> bool:
+        """Whether a first-chunk group of R rows, the longest Tm tokens, runs as one graph replay
+        (always True without prefill graphs: then any group is one eager forward)."""
+        return not self.prefill_graphs or self._prefill_bucket(R, Tm) is not None
+
     def _prefill_buckets(self):
         for Rb in (1, 2, 4, 8):
             Tb = 16
