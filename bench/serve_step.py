@@ -50,7 +50,7 @@ class _ModelTimer:
             t = time.perf_counter()
             try:
                 out = fn(*a, **k)
-                if self.cuda and self.depth == 1:
+                if self.cuda and self.depth == 1 and not torch.cuda.is_current_stream_capturing():
                     torch.cuda.synchronize()
                 return out
             finally:
@@ -113,6 +113,7 @@ def main(argv=None) -> int:
         ap.error(f"--prompt-max + --steps / 2 exceeds the context length {cfg.context_length}")
     chunk = a.prefill_chunk or (64 if a.mixed else 4096)
     eng = Engine(model, max_batch=a.batch, prefill_chunk=chunk, eos_token_id=None)
+    eng.capture_graphs()                     # CUDA: every decode / prefill bucket before timing
     g = random.Random(0)
     finished = [0]
 
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
 
     for _ in range(a.batch):
         submit()
-    for _ in range(4 if not a.mixed else 2 * a.steps):   # admit, prefill, graph capture; mixed: reach a mix
+    for _ in range(4 if not a.mixed else 2 * a.steps):   # admit, prefill; mixed: reach a steady mix
         eng.step()
     runs = []
     prof = None
@@ -159,9 +160,10 @@ def main(argv=None) -> int:
     dt, f, toks, phases = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
     host = dt - f
     per_tok = host * a.steps / toks if toks else float("nan")
+    st = eng.stats()
     print(f"preset {preset} layers {cfg.n_layers} width {cfg.emb_dim} vocab {cfg.vocab_size} B={a.batch} "
           f"steps={a.steps} x{a.repeats} workload={'mixed' if a.mixed else 'decode'} "
-          f"decode_mode={eng.stats()['decode_mode']}")
+          f"decode_mode={st['decode_mode']} prefill_mode={st['prefill_mode']}")
     print(f"step {dt * 1e6:.0f} us  model {f * 1e6:.0f} us  engine host path {host * 1e6:.0f} us "
           f"({per_tok * 1e6:.1f} us per generated token; {toks / a.steps:.1f} tokens per step)"
           + ("  [decode forward not separated: graph replay]" if eng.cuda_graphs else ""))
