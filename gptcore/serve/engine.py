@@ -75,7 +75,8 @@ class Engine:
                    max_seq_len); max_batch: sequences decoding at once; max_queue: requests
                    waiting for admission before submit refuses; prefill_chunk: prompt tokens
                    prefilled per step (the rest waits for the next steps); cuda_graphs: replay
-                   the decode step from graphs captured for batch buckets 1, 2, 4, ... max_batch.
+                   the decode step from graphs captured for batch buckets 1, 2, 4, ... max_batch
+                   and first-chunk prefill groups from graphs of (rows, tokens) buckets.
     tokenizer:     a tiktoken-like Encoding (decode_single_token_bytes) for text and stop strings;
                    eos_token_id ends a sequence unless a request sets ignore_eos (default 50256
                    when the vocabulary has it).
@@ -391,8 +392,8 @@ class Engine:
         return (seqs, self.runner.decode(seqs)) if seqs else None
 
     def capture_graphs(self) -> None:
-        """Capture the decode graph of every batch bucket now (on CUDA; else nothing), so no
-        capture happens while requests run."""
+        """Capture the decode graph of every batch bucket and the prefill graph of every (rows,
+        tokens) bucket now (on CUDA; else nothing), so no capture happens while requests run."""
         self.runner.capture_graphs()
 
     @property
