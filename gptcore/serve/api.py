@@ -37,7 +37,6 @@ import json
 import threading
 import time
 import uuid
-import weakref
 from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, Request
@@ -222,21 +221,13 @@ class _Mailbox:
             q.put_nowait(ev)
 
 
-_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox]" = weakref.WeakKeyDictionary()
-
-
-def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    mb = _MAILBOXES.get(loop)
-    if mb is None:
-        mb = _MAILBOXES[loop] = _Mailbox(loop)
-    return mb
-
 
 def create_app(engine: Engine, model_name: str, tokenizer=None) -> FastAPI:
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
     app = FastAPI(title="gptcore", description="OpenAI-compatible serving of a gptcore GPT model")
     created = int(time.time())
     app.state.engine = engine
+    mailbox: list[Optional[_Mailbox]] = [None]     # engine events -> the serving loop (see _Mailbox)
 
     def encode(text: str, field: str) -> list[int]:
         if tokenizer is None:
@@ -269,7 +260,9 @@ def create_app(engine: Engine, model_name: str, tokenizer=None) -> FastAPI:
         """Submit every prompt; yield engine events until each request is done. Cancels on exit."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
-        post = _mailbox(loop).post
+        if mailbox[0] is None or mailbox[0].loop is not loop:   # the app's loop (one per server)
+            mailbox[0] = _Mailbox(loop)
+        post = mailbox[0].post
 
         def on_event(ev: Event) -> None:
             post(q, ev)
