@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mixed", action="store_true", help="requests keep arriving (prefill + decode), see above")
     ap.add_argument("--prompt-max", type=int, default=96, help="--mixed: longest prompt (default 96)")
     ap.add_argument("--prefill-chunk", type=int, default=None,
-                    help="engine prefill_chunk (default 4096 for decode, 64 for --mixed)")
+                    help="engine prefill_chunk (default 512 for decode, 64 for --mixed)")
     ap.add_argument("--vocab", type=int, default=None,
                     help="override the preset's vocabulary (default 256 on CPU, so the lm_head and argmax compute "
                          "do not hide the host path; the preset's own on CUDA)")
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                  f"{cfg.context_length}; use fewer steps or repeats")
     if a.mixed and a.prompt_max + a.steps // 2 > cfg.context_length:
         ap.error(f"--prompt-max + --steps / 2 exceeds the context length {cfg.context_length}")
-    chunk = a.prefill_chunk or (64 if a.mixed else 4096)
+    chunk = a.prefill_chunk or (64 if a.mixed else 512)
     eng = Engine(model, max_batch=a.batch, prefill_chunk=chunk, eos_token_id=None)
     eng.capture_graphs()                     # CUDA: every decode / prefill bucket before timing
     g = random.Random(0)
@@ -133,8 +133,14 @@ def main(argv=None) -> int:
 
     for _ in range(a.batch):
         submit()
-    for _ in range(4 if not a.mixed else 2 * a.steps):   # admit, prefill; mixed: reach a steady mix
-        eng.step()
+    if a.mixed:
+        for _ in range(2 * a.steps):         # reach a steady mix of prefill and decode
+            eng.step()
+    else:
+        while eng.stats()["waiting"] or eng.stats()["prefilling"]:   # every request decoding
+            eng.step()
+        for _ in range(4):
+            eng.step()
     runs = []
     prof = None
     for rep in range(a.repeats):

@@ -204,7 +204,7 @@ class Engine:
         tps = 0.0
         if len(rate) >= 2 and rate[-1][0] > rate[0][0]:
             tps = sum(n for _, n in rate[1:]) / (rate[-1][0] - rate[0][0])
-        return {"waiting": len(self._inbox) + len(self._waiting),
+        return {"waiting": len(self._inbox) + len(self._waiting), "prefilling": len(self._prefilling),
                 "running": len({s.req.id for s in list(self._decoding)} | {r.id for r in list(self._prefilling)}),
                 "blocks_total": self.num_blocks, "blocks_used": used, "blocks_free": len(self.pool.free),
                 "blocks_reserved": self._reserved,
