@@ -35,6 +35,7 @@ Rows (area "serve"):
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import sys
@@ -212,7 +213,9 @@ def run(quick: bool = False, preset: str | None = None, clients=None, requests: 
     for C in clients:
         engine = Engine(model, max_batch=C, prefill_chunk=512 if ON_GPU else 64, max_queue=max(256, n),
                         cuda_graphs=True, eos_token_id=None).start()
-        engine.capture_graphs()           # every decode bucket, before the timed run
+        engine.capture_graphs()           # every decode and prefill bucket, before the timed run
+        gc.collect()
+        gc.freeze()                       # the model, graphs and cache out of the collector's scans (as the CLI)
         run_continuous(engine, warm, C)   # warm-up: kernels compiled and tuned for these shapes
         cont = run_continuous(engine, reqs, C)
         fixed = run_fixed(engine, C, ctx, cfg.vocab_size)
