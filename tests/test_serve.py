@@ -533,6 +533,45 @@ def test_gpu_engine_gpt2_bf16_runs():
     _assert_no_leak(eng)
 
 
+@pytest.mark.gpu
+def test_gpu_engine_pipelined_sampling_paths_match_offline():
+    """On CUDA (graphs, pinned stage, tokens read one step late): seeded sampling equals offline
+    generate with that seed, penalized greedy rows equal the no-cache reference, logprobs equal
+    the model's log-softmax, all in shared batches; no leak."""
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("tiny", vocab_size=512, tie_weights=False, context_length=256)
+    m = GPT(cfg, backend="triton").cuda().eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    ps = _prompts(6, seed=31, hi=100, vocab=512)
+    eng = Engine(m, max_batch=4, prefill_chunk=64, eos_token_id=None)
+    eng.capture_graphs()
+    res = {}
+    kinds = [dict(temperature=0.8, top_k=40, seed=5), dict(temperature=0, presence_penalty=1.5, frequency_penalty=0.5),
+             dict(temperature=0, logprobs=2)]
+    for i, p in enumerate(ps):
+        eng.submit(p, SamplingParams(max_tokens=12, **kinds[i % 3]),
+                   lambda ev, i=i: res.setdefault(i, []).append(ev))
+    while eng.has_work():
+        eng.step()
+    assert eng.stats()["decode_mode"] == "cuda-graph"
+    for i, p in enumerate(ps):
+        toks = [t for ev in res[i] for t in ev.tokens]
+        kw = kinds[i % 3]
+        if "seed" in kw:
+            assert toks == generate(m, [p], 12, temperature=0.8, top_k=40, seed=5, cuda_graph=False)[0]
+        elif "presence_penalty" in kw:
+            assert toks == _penalized_reference(m, p, 12, 1.5, 0.5)
+        else:
+            assert toks == generate(m, [p], 12, temperature=0, cuda_graph=False)[0]
+            lp = [x for ev in res[i] for x in ev.logprobs][0]
+            full = torch.log_softmax(m(torch.tensor([p], device="cuda"))[0, -1].float(), -1)
+            assert abs(full[lp.token].item() - lp.logprob) < 1e-3 and lp.top[0][0] == int(full.argmax())
+    _assert_no_leak(eng)
+
+
 def test_engine_batched_first_prefill_chunks_match_offline():
     """Several prompts starting in one step are prefilled in one right-padded forward (seen in
     the forward shapes); each still gives exactly offline generate's greedy tokens, no leak."""
@@ -549,4 +588,129 @@ def test_engine_batched_first_prefill_chunks_match_offline():
         m.hidden_states = orig
     assert any(b > 1 and t > 1 for b, t in shapes)
     assert [o[0]["tokens"] for o in outs] == [generate(m, [p], 10, temperature=0)[0] for p in ps]
+    _assert_no_leak(eng)
+
+
+# ---- the pipelined step, batched sampling and the prefill plan ----------------------------------
+def _penalized_reference(m, prompt, n, presence, frequency):
+    """Greedy decoding with OpenAI's presence/frequency penalties over the generated tokens, by
+    a full forward per token (no cache): the oracle of the engine's per-slot count rows."""
+    seq, out = list(prompt), []
+    dev = next(m.parameters()).device
+    counts = torch.zeros(m.config.vocab_size, device=dev)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = m(torch.tensor([seq], device=dev))[0, -1].float()
+            logits = logits - (presence * (counts > 0).float() + frequency * counts)
+            t = int(logits.argmax())
+            out.append(t)
+            seq.append(t)
+            counts[t] += 1
+    return out
+
+
+def test_engine_penalties_batched_per_row_match_reference(small):
+    """Penalized and plain rows share batches; slots are reused by later requests (their count
+    rows must start from zero): every request gives its own reference tokens."""
+    g = random.Random(11)
+    settings = [(0.0, 0.0), (2.0, 0.0), (0.0, 1.5), (1.0, 1.0), (-1.0, 0.5)]
+    reqs = [(p, settings[i % len(settings)]) for i, p in enumerate(_prompts(9, seed=12, lo=2, hi=20, vocab=512))]
+    eng = Engine(small, max_batch=3, prefill_chunk=32, eos_token_id=None)
+    results = {}
+    for p, (pr, fr) in reqs:
+        eng.submit(p, SamplingParams(max_tokens=10, temperature=0, presence_penalty=pr, frequency_penalty=fr),
+                   lambda ev, key=(tuple(p), pr, fr): results.setdefault(key, []).extend(ev.tokens))
+    while eng.has_work():
+        eng.step()
+    for p, (pr, fr) in reqs:
+        assert results[(tuple(p), pr, fr)] == _penalized_reference(small, p, 10, pr, fr), (pr, fr)
+    _assert_no_leak(eng)
+
+
+def test_engine_never_launches_past_max_tokens(small):
+    """The host reads a step's tokens one step later; the engine must still stop launching a
+    sequence at max_tokens: exactly max_tokens - 1 decode rows per request (its first token
+    comes from the prefill), also for a prompt + max_tokens that fills the context exactly."""
+    ps = [_prompts(1, seed=13, lo=CTX - 9, hi=CTX - 9, vocab=512)[0]] + _prompts(4, seed=15, lo=3, hi=30, vocab=512)
+    eng = Engine(small, max_batch=3, block_size=8, eos_token_id=None)
+    rows, orig = [], small.forward
+    small.forward = lambda ids, *a, **k: (rows.append(ids.shape[0] if ids.shape[1] == 1 else 0), orig(ids, *a, **k))[1]
+    try:
+        out = eng.generate(ps, SamplingParams(max_tokens=9, temperature=0))
+    finally:
+        del small.forward
+    assert sum(rows) == len(ps) * (9 - 1)
+    assert all(o[0]["finish_reason"] == "length" for o in out)
+    assert [o[0]["tokens"] for o in out] == [generate(small, [p], 9, temperature=0)[0] for p in ps]
+    _assert_no_leak(eng)
+
+
+def test_engine_prefill_plan_few_forwards_per_step(small):
+    """Per step: at most one later chunk (the oldest prompt's) and one padded forward over
+    whole first chunks; a prompt that does not fit the remaining budget waits whole."""
+    eng = Engine(small, max_batch=8, prefill_chunk=32, eos_token_id=None)
+    calls, orig = [], small.hidden_states
+    small.hidden_states = lambda ids, *a, **k: (calls.append((eng.steps, tuple(ids.shape))), orig(ids, *a, **k))[1]
+    try:
+        prompts = _prompts(8, seed=14, lo=5, hi=50, vocab=512)
+        outs = eng.generate(prompts, SamplingParams(max_tokens=4, temperature=0))
+    finally:
+        del small.hidden_states
+    per_step = {}
+    for step, shape in calls:
+        if shape[1] > 1:
+            per_step.setdefault(step, []).append(shape)
+    assert per_step and all(len(v) <= 2 for v in per_step.values())
+    assert all(sum(b * t for b, t in v) <= 8 * 32 for v in per_step.values())
+    assert [o[0]["tokens"] for o in outs] == [generate(small, [p], 4, temperature=0)[0] for p in prompts]
+    _assert_no_leak(eng)
+
+
+def test_engine_prefill_fault_after_a_completed_prompt_leaks_nothing(small):
+    """A step whose second prefill forward raises, after its first completed a prompt: that
+    request too ends (with an error event) and returns its blocks; the engine goes on."""
+    eng = Engine(small, max_batch=4, prefill_chunk=32, block_size=8, eos_token_id=None)
+    events = {}
+    on = lambda ev: events.setdefault(ev.request_id, []).append(ev)  # noqa: E731
+    a = eng.submit(_prompts(1, seed=16, lo=50, hi=50, vocab=512)[0], SamplingParams(max_tokens=4, temperature=0), on)
+    eng.step()                                   # A's first chunk (32 of 50)
+    b = eng.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, temperature=0), on)
+    real, calls = eng.runner.prefill, []
+
+    def flaky(group):
+        calls.append(len(group))
+        if len(calls) == 2:                      # B's whole prompt went first; A's later chunk raises
+            raise RuntimeError("injected fault")
+        return real(group)
+
+    eng.runner.prefill = flaky
+    try:
+        while eng.has_work():
+            eng.step()
+    finally:
+        del eng.runner.prefill
+    for rid in (a, b):
+        assert events[rid][-1].done and any(e.finish_reason == "error" for e in events[rid])
+    _assert_no_leak(eng)
+    assert eng.generate([[7, 8, 9]], SamplingParams(max_tokens=3, temperature=0))[0][0]["finish_reason"] == "length"
+    _assert_no_leak(eng)
+
+
+def test_engine_prefill_buckets_padded_forward_matches_offline(small):
+    """The prefill graphs' padded (rows, tokens) bucket forward, run eagerly on the CPU: padding
+    rows on the scratch slot, padding tokens past each prompt; greedy tokens still equal offline
+    generate per prompt, and groups that fit no bucket (later chunks) still run eagerly."""
+    eng = Engine(small, max_batch=6, prefill_chunk=48, eos_token_id=None)
+    eng.runner.prefill_graphs = True
+    shapes, orig = [], small.hidden_states
+    small.hidden_states = lambda ids, *a, **k: (shapes.append(tuple(ids.shape)), orig(ids, *a, **k))[1]
+    try:
+        prompts = _prompts(2, seed=18, lo=60, hi=70, vocab=512) + _prompts(9, seed=17, lo=3, hi=20, vocab=512)
+        outs = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
+    finally:
+        del small.hidden_states
+    assert any(b in (2, 4, 8) and t in (16, 32) for b, t in shapes)      # bucketed first-chunk groups
+    assert any(t > 1 and t not in (16, 32, 64) for b, t in shapes)       # later chunks: eager, unpadded
+    assert [o[0]["tokens"] for o in outs] == [generate(small, [p], 6, temperature=0)[0] for p in prompts]
+    assert eng.runner.pool.table[eng.runner.pool.pad_slot].eq(eng.num_blocks).all()   # pad row: scratch only
     _assert_no_leak(eng)

@@ -10,6 +10,7 @@ SIGTERM (or Ctrl-C) stops accepting connections, lets running requests finish, t
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt tokens prefilled per engine step, interleaved with decoding (default 256)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="positions per sequence (prompt + output), at most the model's context (default: context)")
-    p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly even on CUDA")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="decode and prefill eagerly even on CUDA (no graphs captured at start-up)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of --preset's random weights and of unseeded sampling (default 0)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -81,6 +83,11 @@ def build_engine(args):
     engine = Engine(model, tokenizer=tok, block_size=args.block_size, num_blocks=args.num_blocks,
                     max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                     max_seq_len=args.max_seq_len, cuda_graphs=not args.no_cuda_graph, seed=args.seed)
+    engine.capture_graphs()   # CUDA: every decode and prefill bucket before the first request (else nothing)
+    # everything built so far lives as long as the server: keep it out of the cyclic collector's
+    # scans, whose full passes would otherwise pause the engine thread (inter-token latency spikes)
+    gc.collect()
+    gc.freeze()
     return engine, name
 
 

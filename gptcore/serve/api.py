@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -187,11 +188,46 @@ async def _parse(request: Request, schema):
 
 
 # ---- the app -----------------------------------------------------------------------------------
+class _Mailbox:
+    """Engine-thread events -> one event loop, with one wake-up per batch instead of one per event.
+
+    The engine emits an event per running request per step; ``loop.call_soon_threadsafe`` for
+    each would write to the loop's self-pipe and wake it (and take the GIL from the engine
+    thread) once per event. Here the engine thread only appends; the first append after a drain
+    schedules one drain, which hands every queued event to its request's queue.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list = []
+        self.scheduled = False
+
+    def post(self, q: "asyncio.Queue", ev) -> None:
+        with self.lock:
+            self.items.append((q, ev))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:   # the loop has closed (server shutting down): nobody listens
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.items, self.scheduled = self.items, [], False
+        for q, ev in items:
+            q.put_nowait(ev)
+
+
+
 def create_app(engine: Engine, model_name: str, tokenizer=None) -> FastAPI:
     tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
     app = FastAPI(title="gptcore", description="OpenAI-compatible serving of a gptcore GPT model")
     created = int(time.time())
     app.state.engine = engine
+    mailbox: list[Optional[_Mailbox]] = [None]     # engine events -> the serving loop (see _Mailbox)
 
     def encode(text: str, field: str) -> list[int]:
         if tokenizer is None:
@@ -224,9 +260,12 @@ def create_app(engine: Engine, model_name: str, tokenizer=None) -> FastAPI:
         """Submit every prompt; yield engine events until each request is done. Cancels on exit."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
+        if mailbox[0] is None or mailbox[0].loop is not loop:   # the app's loop (one per server)
+            mailbox[0] = _Mailbox(loop)
+        post = mailbox[0].post
 
         def on_event(ev: Event) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, ev)
+            post(q, ev)
 
         for p in prompts:  # validate all before submitting any
             try:

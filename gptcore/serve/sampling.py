@@ -4,9 +4,12 @@
     params.validate(vocab_size=50257, context_length=1024, can_decode_text=True)   # ParamError
 
 Every running sequence carries its own settings; one engine step picks the next token of every
-row of a (B, V) logits tensor at once (``pick``):
+row of a (B, V) logits tensor at once, on the device, without a host sync (``pick``):
+  0. a batch of only greedy rows without penalties or logprobs (the common serving case) is one
+     argmax over the logits as they are;
   1. presence / frequency penalties (OpenAI's definition): logit -= presence * [count > 0]
-     + frequency * count, over the tokens this sequence generated so far;
+     + frequency * count, over the tokens this sequence generated so far (the engine keeps one
+     count row per batch slot on the device; the penalty is one vectorised pass over all rows);
   2. logprobs (when asked): log-softmax of those logits, the raw model distribution, before
      temperature and filtering (what OpenAI and vLLM report);
   3. temperature 0 rows: argmax. Other rows: logits / temperature, top-k / top-p filtered by
@@ -18,7 +21,7 @@ row of a (B, V) logits tensor at once (``pick``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -106,40 +109,50 @@ class SamplingParams:
 
 @dataclass
 class Pick:
-    """One step's result for B rows, on the host."""
+    """One step's result for R rows, on the device (the engine copies it to the host without
+    waiting): tokens (R,) long; with logprobs, the chosen token's logprob (R,) and the top-k
+    alternatives (R, k) values / ids, k the largest any row asked for."""
 
-    tokens: list[int]
-    logprobs: Optional[list[float]] = None            # chosen token's logprob per row (rows that asked)
-    top: Optional[list[list[tuple[int, float]]]] = None  # top alternatives per row
+    tokens: torch.Tensor
+    logprobs: Optional[torch.Tensor] = None
+    top_v: Optional[torch.Tensor] = None
+    top_i: Optional[torch.Tensor] = None
+
+
+def _put_default(device):
+    return lambda rows, dtype=torch.long: torch.tensor(rows, dtype=dtype, device=device)
 
 
 def pick(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[Optional[torch.Generator]],
-         counts: Sequence[Optional[torch.Tensor]], shared_rng: torch.Generator) -> Pick:
-    """Next token of each row of logits (B, V) under each row's settings; one host sync.
+         counts: Optional[torch.Tensor], shared_rng: torch.Generator, put: Optional[Callable] = None) -> Pick:
+    """Next token of each row of logits (R, V) under each row's settings, on the device (no sync).
 
-    counts[b]: (V,) float32 tokens generated so far by row b (only for penalized rows);
-    rngs[b]: the row's own generator (seeded requests) or None (draws from shared_rng).
+    counts: (R, V) float32 tokens generated so far per row (needed when a row is penalized);
+    rngs[b]: the row's own generator (seeded requests) or None (draws from shared_rng);
+    put(list, dtype) -> device tensor: how host numbers reach the device (the engine's pinned
+    stage; default torch.tensor on the device, which synchronises on CUDA).
     """
-    B, V = logits.shape
+    R, V = logits.shape
+    put = put or _put_default(logits.device)
+    if all(p.greedy and not p.penalized and p.logprobs is None for p in params):
+        return Pick(_argmax(logits))        # argmax of bf16 == argmax of its exact fp32 widening
     logits = logits.float()
-    pen = [b for b, p in enumerate(params) if p.penalized]
-    if pen:
-        logits = logits.clone()
-        for b in pen:
-            c = counts[b]
-            logits[b] -= params[b].presence_penalty * (c > 0).float() + params[b].frequency_penalty * c
-    out = torch.empty(B, dtype=torch.long, device=logits.device)
+    if any(p.penalized for p in params):
+        # one vectorised pass over every row (rows without penalties subtract exact zeros)
+        pen = put([[p.presence_penalty for p in params], [p.frequency_penalty for p in params]], torch.float32)
+        logits = logits - (pen[0][:, None] * (counts > 0).float() + pen[1][:, None] * counts)
     greedy = [b for b, p in enumerate(params) if p.greedy]
     sampled = [b for b, p in enumerate(params) if not p.greedy]
-    if len(greedy) == B:
+    if not sampled:
         out = _argmax(logits)
-    elif greedy:
-        gi = torch.tensor(greedy, device=logits.device)
-        out[gi] = _argmax(logits.index_select(0, gi))
-    if sampled:
-        si = torch.tensor(sampled, device=logits.device)
-        temps = torch.tensor([params[b].temperature for b in sampled], dtype=torch.float32, device=logits.device)
-        scores = logits.index_select(0, si) / temps[:, None]
+    else:
+        out = torch.empty(R, dtype=torch.long, device=logits.device)
+        if greedy:
+            gi = put(greedy)
+            out[gi] = _argmax(logits.index_select(0, gi))
+        si = put(sampled) if greedy else None
+        temps = put([params[b].temperature for b in sampled], torch.float32)
+        scores = (logits if si is None else logits.index_select(0, si)) / temps[:, None]
         # rows with the same filter settings are filtered together, by the offline generator's code
         groups: dict[tuple, list[int]] = {}
         for r, b in enumerate(sampled):
@@ -147,26 +160,27 @@ def pick(logits: torch.Tensor, params: Sequence[SamplingParams], rngs: Sequence[
         for (k, p), rows in groups.items():
             if k is None and p >= 1.0:
                 continue
-            ri = torch.tensor(rows, device=logits.device)
-            scores[ri] = filter_logits(scores.index_select(0, ri), k, p)
+            if len(rows) == len(sampled):
+                scores = filter_logits(scores, k, p)
+            else:
+                ri = put(rows)
+                scores[ri] = filter_logits(scores.index_select(0, ri), k, p)
         noise = torch.empty_like(scores)
-        shared = [r for r, b in enumerate(sampled) if rngs[b] is None]
-        if len(shared) == len(sampled):
+        if all(rngs[b] is None for b in sampled):
             noise.exponential_(generator=shared_rng)
         else:
             for r, b in enumerate(sampled):
                 noise[r].exponential_(generator=rngs[b] if rngs[b] is not None else shared_rng)
-        out[si] = _argmax(scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log())
-    want = [b for b, p in enumerate(params) if p.logprobs is not None]
+        pick_s = _argmax(scores - noise.clamp_min(torch.finfo(torch.float32).tiny).log())
+        if si is None:
+            out = pick_s
+        else:
+            out[si] = pick_s
+    want = [p.logprobs for p in params if p.logprobs is not None]
     if not want:
-        return Pick(out.tolist())
+        return Pick(out)
     lp = torch.log_softmax(logits, dim=-1)
     chosen = lp.gather(1, out[:, None])[:, 0]
-    k = max(params[b].logprobs for b in want)
-    top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], out[:, None][:, :0]))
-    toks, ch, tv, ti = out.tolist(), chosen.tolist(), top_v.tolist(), top_i.tolist()
-    top = []
-    for b, p in enumerate(params):
-        kb = p.logprobs or 0
-        top.append(list(zip(ti[b][:kb], tv[b][:kb])))
-    return Pick(toks, ch, top)
+    k = max(want)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], out[:, None][:, :0])
+    return Pick(out, chosen, top_v, top_i)
