@@ -148,7 +148,10 @@ def skip_if(optimizer: torch.optim.Optimizer, found_inf: Tensor) -> None:
 def clip_and_check(params: Sequence[Tensor], loss_sum: Tensor, grad_clip: float) -> tuple[Tensor, Tensor]:
     """(grad norm fp32, finite bool) after clipping the grads to grad_clip (0: no clipping), on the device."""
     foreach = True if loss_sum.is_cuda else None  # None: torch's per-tensor loop on the CPU, as before
-    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), foreach=foreach).float()
+    gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), foreach=foreach)
+    if hasattr(gnorm, "full_tensor"):  # FSDP's sharded grads give a DTensor norm (already reduced)
+        gnorm = gnorm.full_tensor()
+    gnorm = gnorm.float().to(loss_sum.device)  # CPU-offloaded grads: the norm comes back beside the loss
     return gnorm, torch.isfinite(loss_sum) & torch.isfinite(gnorm)
 
 

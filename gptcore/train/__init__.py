@@ -4,6 +4,7 @@
     python -m gptcore.train --config run.yaml --lr 1e-3      # a YAML/JSON file, flags on top
     python -m gptcore.train --out-dir out --resume auto      # continue the run saved in out/
     torchrun --nproc_per_node=8 -m gptcore.train --preset gpt2 --data tinystories --dtype bf16
+    torchrun --nproc_per_node=4 -m gptcore.train --preset gpt2-xl --dtype bf16 --fsdp   # sharded (FSDP2)
 
 Batches. One optimizer step sees  batch_size x grad_accum x world_size  sequences of
 context_length tokens (the global batch). Micro-batch ``micro`` of rank ``r`` is drawn with a
@@ -38,8 +39,9 @@ it with --resume auto (the newest complete state, ckpt-* or best/) or start over
 """
 # The package (this docstring is the CLI's --help text): config (settings, flags, YAML), metrics
 # (LR schedule, seeds, MFU, memory bound, loss plot), signals (graceful stops), distributed
-# (torchrun set-up, DDP, FSDP), state (resume and checkpoints), step (one optimizer step), loop (the
-# Trainer), cli (train(), exit statuses). Every name other modules use is re-exported here.
+# (torchrun set-up, the DDP/FSDP choice, sharding), sharded (FSDP checkpoints through DCP), state
+# (resume and checkpoints), step (one optimizer step), report (log lines, metrics rows, summary),
+# loop (the Trainer), cli (train(), exit statuses). Every name other modules use is re-exported here.
 from __future__ import annotations
 
 import torch.distributed as dist  # noqa: F401  (gptcore.finetune uses train.dist)

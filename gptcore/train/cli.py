@@ -22,7 +22,7 @@ def train(cfg: TrainConfig, resume_hint: Optional[str] = None) -> TrainResult:
     """Run (or continue) training as configured; see the module docstring. The process owns
     cfg.out_dir (gptcore.rundir.RunLock) from before it looks inside until it returns."""
     check_backend(cfg.backend)
-    d = _setup_dist(cfg.device)
+    d = _setup_dist(cfg.device, group=cfg.parallel == "fsdp")
     lock = RunLock(cfg.out_dir, resume_hint) if d.main else None
     try:
         if lock is not None:
@@ -39,7 +39,7 @@ def train(cfg: TrainConfig, resume_hint: Optional[str] = None) -> TrainResult:
     finally:
         if lock is not None:
             lock.release()
-        if d.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 

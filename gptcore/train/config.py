@@ -120,10 +120,24 @@ class TrainConfig:
                            "non-finite skip) in one CUDA graph: auto (on with CUDA where the run allows it; the "
                            "start-up log says why not), on (an error where it cannot), off (the eager step)",
                            "runtime", choices=["auto", "on", "off"])
+    parallel: str = _opt("auto", "how processes under torchrun share the work: ddp (each rank holds the whole "
+                         "model; gradients all-reduced in buckets during backward), fsdp (FSDP2: params, grads and "
+                         "AdamW state sharded over the ranks, one unit per transformer block; checkpoints save the "
+                         "optimizer sharded through torch.distributed.checkpoint), or auto (fsdp when "
+                         "model.estimate_memory says the model, its optimizer state and activations would not fit "
+                         "one GPU; the start-up log says which and why). --fsdp is short for --parallel fsdp",
+                         "runtime", choices=["auto", "ddp", "fsdp"])
+    fsdp_cpu_offload: bool = _opt(False, "with fsdp: keep the sharded params, grads and AdamW state in CPU memory "
+                                  "(FSDP2 CPUOffloadPolicy; the optimizer steps on the CPU): slower, for models "
+                                  "whose state does not fit the GPUs", "runtime")
+    ddp_bucket_mb: int = _opt(25, "with ddp: gradient bucket size in MiB (DDP's bucket_cap_mb); each full bucket is "
+                              "all-reduced while backward goes on, and micro-batches before the last of a step "
+                              "skip the all-reduce (no_sync)", "runtime")
 
     def validate(self) -> None:
         _check_numbers(self)
-        positive = ["batch_size", "grad_accum", "eval_steps", "keep_last", "log_interval", "max_bad_steps"]
+        positive = ["batch_size", "grad_accum", "eval_steps", "keep_last", "log_interval", "max_bad_steps",
+                    "ddp_bucket_mb"]
         for k in positive:
             if getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -131,6 +145,8 @@ class TrainConfig:
                   "weight_decay", "grad_clip", "sample_temperature"]:
             if getattr(self, k) < 0:
                 raise ConfigError(f"{k} must be >= 0, got {getattr(self, k)}")
+        if self.fsdp_cpu_offload and self.parallel != "fsdp":
+            raise ConfigError("--fsdp-cpu-offload applies under FSDP: add --parallel fsdp (or --fsdp)")
         if self.compile_mode != "default" and not self.compile:
             raise ConfigError(f"compile_mode {self.compile_mode!r} applies under --compile: add --compile, or drop "
                               f"--compile-mode")
@@ -339,6 +355,10 @@ def _add_flag(group, name: str, tp, help: str, choices) -> None:
         tp = next(a for a in get_args(tp) if a is not type(None))
     if name == "resume":
         group.add_argument(flag, nargs="?", const="auto", metavar="auto|PATH", help=help)
+    elif name == "parallel":
+        group.add_argument(flag, type=tp, choices=choices, help=help)
+        group.add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp",
+                           help="the same as --parallel fsdp")
     elif tp is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
     elif get_origin(tp) is tuple:
@@ -365,7 +385,7 @@ def parse_args(argv: list[str], parser: Optional[argparse.ArgumentParser] = None
 # Upper bounds of the integer settings (beyond them a value is a typo, not a plan).
 _INT_LIMITS = {"seed": (0, MAX_SEED), "sample_tokens": (0, 100_000), "batch_size": (1, 1 << 40),
                "grad_accum": (1, 1 << 40), "eval_steps": (1, 1 << 40), "max_steps": (1, 1 << 62),
-               "max_tokens": (1, 1 << 62), "keep_last": (1, 1 << 40)}
+               "max_tokens": (1, 1 << 62), "keep_last": (1, 1 << 40), "ddp_bucket_mb": (1, 1 << 20)}
 
 
 def _check_numbers(cfg: "TrainConfig") -> None:

@@ -1,12 +1,9 @@
-"""The Trainer: set-up (precision, data, model, optimizer, DDP, compile), the run loop (steps,
-evaluations, samples, checkpoints, signals), logging and the end-of-run summary. Resume/save live
-in gptcore.train.state, the step in gptcore.train.step."""
+"""The Trainer: set-up (precision, data, model, DDP or FSDP, optimizer, compile), evaluation, samples
+and the run loop (steps, evaluations, samples, checkpoints, signals). Resume and save live in
+gptcore.train.state, the step in gptcore.train.step, logging and the summary in gptcore.train.report."""
 from __future__ import annotations
 
-import json
 import math
-import os
-import shlex
 import signal
 import sys
 import time
@@ -19,19 +16,18 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gptcore.checkpoint import CheckpointError, backend_for, remove_stale_temps
+from gptcore.checkpoint import CheckpointError, backend_for
 from gptcore.cli import UsageError, refuse_if_too_big
 from gptcore.config import GPTConfig
 from gptcore.data import prepare
 from gptcore.generate import Generator
 from gptcore.graph_step import GraphedStep, GraphUnavailable, adamw, resolve, unavailable_reason
-from gptcore.rundir import append_run_marker, overwrite
 from gptcore.tokenizer import ENDOFTEXT, get_encoding
-from gptcore.train.config import (DEFAULT_MAX_STEPS, DTYPES, EVAL_SEED, TOKENIZER, ConfigError, TrainConfig,
-                                  TrainingError)
-from gptcore.train.distributed import _Dist, _LossModule
-from gptcore.train.metrics import _json_num, _peak_rss_gib, estimate_train_bytes, peak_flops, plot_losses
+from gptcore.train.config import DEFAULT_MAX_STEPS, DTYPES, EVAL_SEED, TOKENIZER, ConfigError, TrainConfig
+from gptcore.train.distributed import _Dist, _LossModule, choose_parallel, shard_model
+from gptcore.train.metrics import estimate_train_bytes, peak_flops
 from gptcore.train.signals import _GracefulStop, _StoppedInEval
+from gptcore.train.report import ReportMixin
 from gptcore.train.state import StateMixin
 from gptcore.train.step import StepMixin
 
@@ -69,8 +65,10 @@ def sample_text(model, prompt: str, max_new_tokens: int, temperature: float, see
     return enc.decode(seq[len(ids):])
 
 
-class Trainer(StateMixin, StepMixin):
+class Trainer(StateMixin, StepMixin, ReportMixin):
     """One training run; ``run()`` trains to max_steps (see gptcore.train's module doc)."""
+
+    fsdp_refusal: Optional[str] = None  # why a subclass cannot run under FSDP (None: it can)
 
     def __init__(self, cfg: TrainConfig, dist_: _Dist, resume_hint: Optional[str] = None):
         self.cfg, self.dist, self.device = cfg, dist_, dist_.device
@@ -88,9 +86,8 @@ class Trainer(StateMixin, StepMixin):
                 mc = ck.model_config if ck is not None else GPTConfig.from_preset(cfg.preset, **cfg.model)
             except (TypeError, ValueError) as e:
                 raise CheckpointError(f"{ck.path}/meta.json: invalid model_config ({e})") from None
-            self._check_fits(mc)
+            self._check_fits(mc, shards=1 if cfg.parallel == "ddp" else dist_.world)  # a lower bound: FSDP may come
         self.model = self._build_model(ck)
-        self._check_fits(self.model.config)
         self.T = self.model.config.context_length
         if self.model.config.vocab_size < self.data.manifest["n_vocab"]:
             self.data.check_vocab(self.model.config.vocab_size)
@@ -98,6 +95,13 @@ class Trainer(StateMixin, StepMixin):
         self.eval_batches = self._eval_batches()
         self.model.to(self.device).train()
         self.model.grad_checkpointing = cfg.grad_checkpointing
+        self.parallel, self.parallel_note = choose_parallel(
+            cfg.parallel, self.model, world=dist_.world, device=self.device, batch_size=cfg.batch_size,
+            seq_len=self.T, precision=self.precision, refusal=self.fsdp_refusal)
+        self.fsdp = self.parallel == "fsdp"
+        self._check_fits(self.model.config, shards=dist_.world if self.fsdp else 1)
+        if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            self.parallel_note += "\n" + shard_model(self.model, self.device, self.precision, cfg.fsdp_cpu_offload)
         self.use_graph, self.graph_note = self._graph_decision()
         self.graph: Optional[GraphedStep] = None  # captured in run(), after the optimizer state is restored
         self._pending: list = []  # (step, lr, tokens, device record) of the steps not read back yet
@@ -115,10 +119,14 @@ class Trainer(StateMixin, StepMixin):
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * dist_.world * self.T
         self.max_steps = self._max_steps()
         module: nn.Module = _LossModule(self.model)
-        if dist_.world > 1:
+        if dist_.world > 1 and not self.fsdp:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        self.ddp = dist_.world > 1
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, bucket_cap_mb=cfg.ddp_bucket_mb)
+            self.parallel_note += (f"\nddp: gradients all-reduced in buckets of {cfg.ddp_bucket_mb} MiB "
+                                   f"(--ddp-bucket-mb) while backward runs"
+                                   + (f"; no all-reduce on the first {cfg.grad_accum - 1} micro-batch(es) of a step "
+                                      f"(no_sync)" if cfg.grad_accum > 1 else ""))
+        self.ddp = dist_.world > 1  # more than one process: the ranks agree on losses and stop flags
         self.ddp_module = module  # no_sync() lives here; the compiled wrapper calls into it
         mode = None if cfg.compile_mode == "default" else cfg.compile_mode
         self.train_module = torch.compile(module, mode=mode) if cfg.compile else module
@@ -168,7 +176,8 @@ class Trainer(StateMixin, StepMixin):
     def _graph_decision(self) -> tuple[bool, str]:
         """--cuda-graph: whether run() captures the step, and the start-up line that says so (and why not)."""
         cfg = self.cfg
-        reason = unavailable_reason(device=self.device, world=self.dist.world, precision=self.precision,
+        reason = ("FSDP: its all-gather and reduce-scatter hooks are not captured here; each rank runs the eager "
+                  "step" if self.fsdp else None) or unavailable_reason(device=self.device, world=self.dist.world, precision=self.precision,
                                     compile=cfg.compile, compile_mode=cfg.compile_mode, backend=self.backend,
                                     drop_rate=self.model.config.drop_rate,
                                     grad_checkpointing=cfg.grad_checkpointing)
@@ -195,10 +204,11 @@ class Trainer(StateMixin, StepMixin):
             return math.ceil(cfg.epochs * self.data.manifest["train_tokens"] / self.tokens_per_step)
         return DEFAULT_MAX_STEPS
 
-    def _check_fits(self, mc: GPTConfig) -> None:
-        """Refuse, before allocating, a model and batch that cannot fit this device at all."""
+    def _check_fits(self, mc: GPTConfig, shards: int = 1) -> None:
+        """Refuse, before allocating, a model and batch that cannot fit this device at all (shards: the
+        ranks FSDP spreads the weights and optimizer state over)."""
         c = self.cfg
-        need = estimate_train_bytes(mc, c.batch_size, self.backend)
+        need = estimate_train_bytes(mc, c.batch_size, self.backend, shards)
         try:
             refuse_if_too_big(f"training {mc.n_layers} layers x width {mc.emb_dim} (vocab {mc.vocab_size}) at "
                               f"batch_size {c.batch_size} x context_length {mc.context_length}", need, self.device,
@@ -243,46 +253,6 @@ class Trainer(StateMixin, StepMixin):
                      f"stopped without its val loss")
             self._summary({}, {}, 0.0, signum)
         return TrainResult(self.out_dir, self.step, self.tokens, {}, {}, self.best_val, self.last_ckpt, signum)
-
-    def _open_metrics(self) -> None:
-        """metrics.jsonl is appended to, never truncated: a row {"kind": "run"} marks where this run
-        starts (step 0) or resumes (its step); rundir.read_metrics applies it."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if self.cfg.overwrite and self.cfg.resume is None:
-            removed = overwrite(self.out_dir)
-            if removed:
-                self.log(f"--overwrite: removed {', '.join(removed)} from {self.out_dir}")
-        for p in remove_stale_temps(self.out_dir):
-            self.log(f"removed {p.name}, left by an interrupted save")
-        append_run_marker(self.metrics_path, {"event": "resume" if self.step else "start", "step": self.step,
-                                              "from": str(self.last_ckpt) if self.step else None,
-                                              "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-    def _metric(self, row: dict) -> None:
-        if self.dist.main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def _announce(self) -> None:
-        if not self.dist.main:
-            return
-        cfg, m = self.cfg, self.model
-        print("gptcore.train: config\n" + json.dumps(cfg.to_dict(), indent=1), flush=True)
-        print(f"model: {json.dumps(m.config.to_dict())}", flush=True)
-        report = ", ".join(f"{k}={v}" for k, v in m.backend_report().items())
-        print(f"model: {m.num_params() / 1e6:.2f}M parameters, {self.init_note}; backend {m.backend} ({report})")
-        print(f"device {self.device}, world {self.dist.world}, dtype {self.precision}"
-              f"{', compiled' if cfg.compile else ''}{', grad checkpointing' if cfg.grad_checkpointing else ''}")
-        print(self.graph_note, flush=True)
-        epochs = self.max_steps * self.tokens_per_step / max(1, self.data.manifest["train_tokens"])
-        print(f"data: {cfg.data} ({self.data.manifest['train_tokens']:,} train / {self.data.manifest['val_tokens']:,} "
-              f"val tokens, manifest {self.data.hash[:12]})")
-        print(f"global batch: {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {self.dist.world} = "
-              f"{cfg.batch_size * cfg.grad_accum * self.dist.world} sequences of {self.T} = "
-              f"{self.tokens_per_step:,} tokens/step; steps {self.step} -> {self.max_steps} (~{epochs:.2f} epochs)",
-              flush=True)
-        for note in self._resume_notes:
-            print(note, flush=True)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -374,47 +344,11 @@ class Trainer(StateMixin, StepMixin):
         elapsed = time.perf_counter() - t_start
         if self.dist.main:
             self._summary(self._losses, vals, elapsed, stopped_by)
+        elif self.fsdp and stopped_by is None and cfg.sample_tokens:
+            self._sample()  # rank 0 samples inside _summary: the other ranks join its forward passes
         self.dist.barrier()
         return TrainResult(self.out_dir, self.step, self.tokens, self._losses, vals, self.best_val, self.last_ckpt,
                            stopped_by)
-
-    def _after_step(self, step: int, loss: float, gnorm: float, ok: bool, lr: float, tokens: int,
-                    dt: float) -> None:
-        """The metrics row, non-finite count and log line of one step, read back from the device."""
-        cfg = self.cfg
-        tok_s = self.tokens_per_step / dt
-        mfu = (self.flops_per_token * tok_s / self.dist.world / self.peak) if self.peak else None
-        if self.device.type == "cuda":
-            mem = torch.cuda.max_memory_allocated(self.device) / 2**30
-        else:
-            mem = _peak_rss_gib()
-        self._metric({"kind": "train", "step": step, "loss": _json_num(loss), "lr": lr,
-                      "grad_norm": _json_num(gnorm), "tokens": tokens, "tokens_per_s": tok_s,
-                      "mfu": mfu, "mem_gib": mem, "skipped": not ok, "step_s": dt})
-        if not ok:
-            self.bad_run += 1
-            what = "loss" if not math.isfinite(loss) else "gradient norm"
-            self.log(f"warning: step {step}: non-finite {what} (loss {loss}, grad norm {gnorm}); skipped the "
-                     f"update ({self.bad_run}/{cfg.max_bad_steps} in a row)")
-            if self.bad_run >= cfg.max_bad_steps:
-                last = self.last_ckpt or "none (no checkpoint was saved)"
-                raise TrainingError(
-                    f"{self.bad_run} steps in a row had a non-finite loss or gradient; stopped at step {step}. "
-                    f"Last good checkpoint: {last}. Try a lower --lr (now {cfg.lr}), --grad-clip 1.0, a longer "
-                    f"--warmup-steps, or --dtype bf16/fp32 instead of fp16"
-                )
-        else:
-            self.bad_run = 0
-        mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "-"
-        mem_s = f"{mem:.2f} GiB" if mem is not None else "-"
-        if self.bar is not None:
-            self.bar.update(1)
-            if step % cfg.log_interval == 0 or step == self.max_steps:  # --log-interval: the bar's numbers
-                self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {mfu_s} "
-                                         f"mem {mem_s}", refresh=False)
-        elif step % cfg.log_interval == 0 or step == self.max_steps:
-            self.log(f"step {step}/{self.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                     f"grad norm {gnorm:.3f} | {tok_s:,.0f} tok/s | mfu {mfu_s} | mem {mem_s}")
 
     def _eval_and_best(self) -> float:
         val = self.last_val = self.evaluate()
@@ -427,11 +361,19 @@ class Trainer(StateMixin, StepMixin):
         return val
 
     def _sample(self) -> None:
-        if self.dist.main:
-            cfg = self.cfg
+        """A sample on rank 0; under FSDP every rank runs the same generation (the forward passes all-gather)."""
+        if not (self.dist.main or self.fsdp):
+            return
+        cfg = self.cfg
+        if self.fsdp:
+            self.model.unshard()  # the root's weights (embeddings, LM head) stay gathered while generating
+        try:
             text = sample_text(self.model, cfg.sample_prompt, cfg.sample_tokens, cfg.sample_temperature,
                                seed=cfg.seed + self.step)
-            self.log(f"sample @ step {self.step}: {cfg.sample_prompt + text!r}")
+        finally:
+            if self.fsdp:
+                self.model.reshard()
+        self.log(f"sample @ step {self.step}: {cfg.sample_prompt + text!r}")
 
     def _oom_message(self) -> str:
         c = self.cfg
@@ -439,45 +381,3 @@ class Trainer(StateMixin, StepMixin):
                 f"{c.grad_accum}, dtype {self.precision}, grad_checkpointing {c.grad_checkpointing}. To fit: "
                 f"lower --batch-size and raise --grad-accum by the same factor (same global batch), add "
                 f"--grad-checkpointing, use --dtype bf16, or shorten --context-length")
-
-    def _throughput(self) -> str:
-        """Train tokens/s over the steps alone (evaluations, samples, checkpoints and the capture excluded),
-        and without the first read-back interval (Triton JIT, autotuning, torch.compile warm-up)."""
-        def rate(parts):
-            n, sec = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            return n * self.tokens_per_step / sec if sec > 0 else float("nan")
-
-        parts = self._train_time
-        msg = f"throughput: {rate(parts):,.0f} tokens/s over the train steps (evaluations and checkpoints excluded)"
-        if len(parts) > 1:
-            msg += f"; {rate(parts[1:]):,.0f} tokens/s after the first {parts[0][0]} step(s)"
-        return msg
-
-    def _summary(self, losses, vals, elapsed, stopped_by) -> None:
-        cfg = self.cfg
-        good = [v for v in losses.values() if math.isfinite(v)]
-        if good:
-            tail = good[-min(10, len(good)):]
-            msg = f"train loss {good[0]:.4f} -> {sum(tail) / len(tail):.4f} (mean of the last {len(tail)} steps)"
-            if len(vals) > 1:
-                last_step = max(vals)
-                msg += f"; val loss {vals[min(vals)]:.4f} -> {vals[last_step]:.4f}"
-            if self.best_val is not None:
-                msg += f" (best {self.best_val:.4f})"
-            print(f"{'stopped' if stopped_by else 'done'}: {len(losses)} steps, "
-                  f"{len(losses) * self.tokens_per_step:,} tokens in {elapsed:.1f} s; {msg}", flush=True)
-            print(self._throughput(), flush=True)
-        if stopped_by is None:
-            if cfg.sample_tokens:
-                self._sample()
-            print(plot_losses(self.metrics_path, self.out_dir / "loss.png"), flush=True)
-            best = self.out_dir / "best"
-            target = best if best.exists() else self.last_ckpt
-            print(f"checkpoint: {self.last_ckpt}" + (f" (best: {best})" if best.exists() else ""))
-            print(f"evaluate: python -m gptcore.eval --ckpt {shlex.quote(str(target))} --data {shlex.quote(cfg.data)}",
-                  flush=True)
-        else:
-            name = signal.Signals(stopped_by).name
-            hint = self.resume_hint or f"python -m gptcore.train --out-dir {shlex.quote(cfg.out_dir)} --resume auto"
-            print(f"gptcore.train: stopped by {name} at step {self.step}; checkpoint saved to {self.last_ckpt}.\n"
-                  f"resume with:\n  {hint}", flush=True)

@@ -81,10 +81,11 @@ def _json_num(x: float) -> Optional[float]:
 
 
 
-def estimate_train_bytes(mc: GPTConfig, batch_size: int, backend: str) -> int:
+def estimate_train_bytes(mc: GPTConfig, batch_size: int, backend: str, shards: int = 1) -> int:
     """A lower bound of the memory one training step of ``mc`` needs: fp32 weights, gradients and
     the two AdamW moments (16 bytes a parameter), plus a few fp32 activations per layer and token,
-    plus the full logits where the backend materializes them and the T x T scores of reference attention."""
+    plus the full logits where the backend materializes them and the T x T scores of reference attention.
+    shards: ranks that FSDP spreads the weights, gradients and moments over (1: none)."""
     B, T, C, L, V = batch_size, mc.context_length, mc.emb_dim, mc.n_layers, mc.vocab_size
     params = V * C + (T * C if mc.pos_emb == "learned" else 0) + L * (4 + 2 * mc.ff_mult) * C * C
     acts = 4 * B * T * C * L * 4
@@ -92,4 +93,4 @@ def estimate_train_bytes(mc: GPTConfig, batch_size: int, backend: str) -> int:
         acts += 4 * B * T * V
     if backend == "reference":
         acts += 4 * B * mc.n_heads * T * T
-    return 16 * params + acts
+    return 16 * params // max(1, shards) + acts  # FSDP: each rank holds 1/shards of the 16 bytes

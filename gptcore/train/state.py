@@ -15,6 +15,7 @@ from gptcore.graph_step import after_load_state_dict, portable_state_dict
 from gptcore.model import GPT
 from gptcore.rundir import best_state, resumable_states, run_contents
 from gptcore.train.config import TOKENIZER, ConfigError
+from gptcore.train.sharded import load_dcp_optimizer, load_full_optimizer, save_sharded
 
 
 def _is_gptcore_checkpoint(spec: str) -> bool:
@@ -146,7 +147,13 @@ class StateMixin:
                  "grad_accum": (old.get("grad_accum"), new["grad_accum"]),
                  "seed": (old.get("seed"), new["seed"]), "world_size": (world, self.dist.world)}
         changed = [f"{k} {a} -> {b}" for k, (a, b) in repro.items() if a != b]
-        if changed:
+        same_batch = (isinstance(world, int) and isinstance(old.get("grad_accum"), int)
+                      and world * old["grad_accum"] == self.dist.world * new["grad_accum"])
+        if changed and same_batch and all(k in ("grad_accum", "world_size") for k, (a, b) in repro.items() if a != b):
+            # micro-batch m = rank * grad_accum + micro: W x A and W' x A' (W A = W' A') draw the same batches
+            self._resume_notes.append("note: " + ", ".join(changed) + ": the same global batch, so the same data "
+                                      "as the uninterrupted run (sums in another order: the last bits may differ)")
+        elif changed:
             self._resume_notes.append("warning: " + ", ".join(changed) + ": the run goes on but will not "
                                       "reproduce the uninterrupted one")
         other = [k for k in new if k not in repro and k not in ("resume", "overwrite", "model", "preset", "init_from")
@@ -167,11 +174,11 @@ class StateMixin:
                 f"warning: the data differs from the checkpoint's (manifest hash {str(ck.meta.get('data_hash'))[:12]} "
                 f"-> {self.data.hash[:12]}): the run goes on with the new data")
         try:
-            self.optimizer.load_state_dict(st["optimizer"])
+            self._load_optimizer(ck.path, st)
             after_load_state_dict(self.optimizer, self.cfg.lr)  # this device's AdamW flags, lr and step tensors
             if self.scaler is not None and st.get("scaler"):
                 self.scaler.load_state_dict(st["scaler"])
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError, FileNotFoundError) as e:
             raise CheckpointError(f"{ck.path}/state.pt: optimizer state does not fit this model ({e})") from None
         for g, wd in zip(self.optimizer.param_groups, (self.cfg.weight_decay, 0.0)):
             g["betas"], g["weight_decay"] = self.cfg.betas, wd  # this run's settings win
@@ -201,14 +208,28 @@ class StateMixin:
                 self._resume_notes.append(f"note: {self.out_dir} holds later checkpoints ({', '.join(sorted(newer))}); "
                                           f"this run replaces them as it passes their steps")
 
+    def _load_optimizer(self, path: Path, st: dict) -> None:
+        """The optimizer state of a checkpoint into this run, whichever parallelism saved it and runs now:
+        state.pt's (a single process or DDP) or the DCP folder's (FSDP, any world size)."""
+        if st.get("optimizer") is None and st.get("optimizer_dcp"):
+            load_dcp_optimizer(self.model, self.optimizer, Path(path) / st["optimizer_dcp"])
+            self._resume_notes.append(f"optimizer state: sharded (torch.distributed.checkpoint) in "
+                                      f"{Path(path) / st['optimizer_dcp']}, loaded into world {self.dist.world} "
+                                      f"({self.parallel})")
+        elif self.fsdp:
+            load_full_optimizer(self.model, self.optimizer, st["optimizer"])
+        else:
+            self.optimizer.load_state_dict(st["optimizer"])
+
     def save(self, name: Optional[str] = None) -> Optional[Path]:
-        """Checkpoint (rank 0): out_dir/ckpt-{step}/ + latest + pruning, or out_dir/best/."""
-        if not self.dist.main:
+        """Checkpoint (rank 0): out_dir/ckpt-{step}/ + latest + pruning, or out_dir/best/. Under FSDP every
+        rank calls it (gptcore.train.sharded: the weights are gathered, the optimizer state saved sharded)."""
+        if not (self.dist.main or self.fsdp):
             return None
         cfg_d = self.cfg.to_dict()
         name = name or f"ckpt-{self.step:07d}"
         state = {
-            "optimizer": portable_state_dict(self.optimizer),
+            "optimizer": None if self.fsdp else portable_state_dict(self.optimizer),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "step": self.step, "tokens": self.tokens, "best_val": self.best_val,
             "rng": capture_rng(),
@@ -224,7 +245,14 @@ class StateMixin:
             "data_hash": self.data.hash, "world_size": self.dist.world, "best_val": self.best_val,
             "val_loss": self.last_val, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        path = save_checkpoint(self.out_dir / name, self.model, state, meta)
+        if self.fsdp:
+            path = save_sharded(self.out_dir / name, self.model, self.optimizer, state, meta, self.dist.main)
+            if not self.dist.main:
+                if name != "best":
+                    self.last_ckpt = self.out_dir / name
+                return None
+        else:
+            path = save_checkpoint(self.out_dir / name, self.model, state, meta)
         if name != "best":
             update_latest(self.out_dir, path)
             self._written_ckpts.add(path)

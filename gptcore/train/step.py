@@ -55,7 +55,7 @@ class StepMixin:
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(accum):
             x, y = self._micro_batch(micro)
-            sync_later = self.ddp and micro < accum - 1
+            sync_later = self.ddp and not self.fsdp and micro < accum - 1  # DDP: all-reduce on the last only
             with (self.ddp_module.no_sync() if sync_later else nullcontext()), self.autocast():
                 loss = self.train_module(x, y)
             loss_sum += loss.detach().float()
