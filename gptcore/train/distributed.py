@@ -141,7 +141,7 @@ def shard_model(model: GPT, device: torch.device, precision: str, cpu_offload: b
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         notes.append("bf16 params / fp32 reduce")
     if cpu_offload:
-        kw["offload_policy"] = CPUOffloadPolicy()
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
         notes.append("params, grads and AdamW state offloaded to the CPU (the optimizer steps there)")
     # Block returns its MLP output as a view; nothing changes it in place (the next LayerNorm adds it to
     # the residual out of place), so FSDP2's warning about in-place ops on views does not apply here

@@ -192,7 +192,9 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         other = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
-        return adamw(groups, self.cfg.lr, self.cfg.betas, self.device)
+        # FSDP with CPU offload: the sharded params and their grads live on the CPU, and so does the step
+        where = torch.device("cpu") if self.fsdp and self.cfg.fsdp_cpu_offload else self.device
+        return adamw(groups, self.cfg.lr, self.cfg.betas, where)
 
     def _max_steps(self) -> int:
         cfg = self.cfg
@@ -261,7 +263,11 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
             return None
         self.model.eval()
         tot = torch.zeros(2, dtype=torch.float64, device=self.device)
-        idx = range(self.dist.rank, len(self.eval_batches), self.dist.world)
+        idx = list(range(self.dist.rank, len(self.eval_batches), self.dist.world))
+        n_mine = len(idx)
+        if self.fsdp:  # every rank must run as many forwards (each all-gathers): short ranks repeat one, uncounted
+            per_rank = -(-len(self.eval_batches) // self.dist.world)
+            idx += [idx[0] if idx else 0] * (per_rank - n_mine)
         bar = None
         if self.dist.main and len(idx) >= 50:  # long evaluations show progress at once
             from tqdm.auto import tqdm
@@ -269,7 +275,7 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
             bar = tqdm(total=len(idx), desc="eval", leave=False, dynamic_ncols=True, disable=not self.cfg.progress)
             self.log(f"evaluating {len(self.eval_batches)} batches (--eval-steps); Ctrl-C / SIGTERM stops "
                      f"after the current batch")
-        for i in idx:
+        for j, i in enumerate(idx):
             stopper = _GracefulStop.active
             if stopper is not None and stopper.signum is not None and not self.ddp:
                 if bar is not None:
@@ -280,8 +286,10 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
                 bar.update(1)
             x, y = (t.to(self.device) for t in self.eval_batches[i])
             with self.autocast():
-                tot[0] += self.model.loss(x, y).double()
-            tot[1] += 1
+                loss = self.model.loss(x, y).double()
+            if j < n_mine:  # not a repeat
+                tot[0] += loss
+                tot[1] += 1
         if bar is not None:
             bar.close()
         if self.ddp:
