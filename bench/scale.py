@@ -98,7 +98,8 @@ def _base_args(preset: str, batch: int, seq_len: int, steps: int, on_gpu: bool, 
     return args + ["--device", "cpu", "--dtype", "fp32"]
 
 
-def run(quick: bool = False, preset: Optional[str] = None, presets: Optional[list[str]] = None, world_sizes: Optional[list[int]] = None,
+def run(quick: bool = False, preset: Optional[str] = None, presets: Optional[list[str]] = None,
+        world_sizes: Optional[list[int]] = None,
         parallel: Optional[list[str]] = None, steps: Optional[int] = None, batch_size: Optional[int] = None,
         seq_len: Optional[int] = None, cuda_graph: str = "off", loss_check: bool = True,
         timeout_s: float = 900) -> list[dict]:

@@ -176,8 +176,9 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
     def _graph_decision(self) -> tuple[bool, str]:
         """--cuda-graph: whether run() captures the step, and the start-up line that says so (and why not)."""
         cfg = self.cfg
-        reason = ("FSDP: its all-gather and reduce-scatter hooks are not captured here; each rank runs the eager "
-                  "step" if self.fsdp else None) or unavailable_reason(device=self.device, world=self.dist.world, precision=self.precision,
+        fsdp = "FSDP: its all-gather and reduce-scatter hooks are not captured here; each rank runs the eager step"
+        reason = (fsdp if self.fsdp else None) or unavailable_reason(
+                                    device=self.device, world=self.dist.world, precision=self.precision,
                                     compile=cfg.compile, compile_mode=cfg.compile_mode, backend=self.backend,
                                     drop_rate=self.model.config.drop_rate,
                                     grad_checkpointing=cfg.grad_checkpointing)
