@@ -1,6 +1,6 @@
 """The benchmark suite's command line.
 
-    python -m bench [kernels|train|generate|host|serve|finetune|all] [--quick] [--out DIR] [--preset NAME] ...
+    python -m bench [kernels|train|generate|host|serve|finetune|scale|all] [--quick] [--out DIR] [--preset NAME] ...
 
 First prints this GPU's measured ceilings (copy GB/s, bf16 matmul TFLOP/s), then runs each area's
 modules (imported lazily; a module that is absent or fails is reported and the run goes on):
@@ -11,6 +11,8 @@ modules (imported lazily; a module that is absent or fails is reported and the r
     host       bench.host_cost    host us per op call, gptcore beside its torch twin (CUDA GPU only)
     serve      bench.serve     (continuous batching vs static Generator batches, one request set)
     finetune   bench.finetune   (LoRA / full SFT step vs HF+PEFT and the pretraining step)
+    scale      bench.scale      (trainer runs under torchrun at world sizes 1..8, DDP and FSDP2; not in 'all':
+                                 python -m bench.scale --help for its own options)
 
 Each module has ``run(quick=False, ...) -> list[dict]`` (row schema: bench/README.md). Output: a
 table per area on the terminal, one JSON with every row plus GPU, versions, date, git commit and
@@ -35,7 +37,7 @@ from bench import harness, plots
 # Row defaults for modules that leave out a schema key (see bench/README.md).
 DEFAULT_AREA = {"bench.kernels_norm": "norm", "bench.kernels_attention": "attention", "bench.kernels_kv": "kv",
                 "bench.train_step": "train", "bench.generate": "generate", "bench.host_cost": "host",
-                "bench.serve": "serve", "bench.finetune": "finetune"}
+                "bench.serve": "serve", "bench.finetune": "finetune", "bench.scale": "scale"}
 AREAS = {
     "kernels": ("bench.kernels_norm", "bench.kernels_attention", "bench.kernels_kv"),
     "train": ("bench.train_step",),
@@ -43,7 +45,9 @@ AREAS = {
     "host": ("bench.host_cost",),
     "serve": ("bench.serve",),
     "finetune": ("bench.finetune",),
+    "scale": ("bench.scale",),
 }
+NOT_IN_ALL = ("scale",)  # many full training runs, sized for multi-GPU hosts
 COLUMNS = ("op", "impl", "shape", "ms", "host_ms", "host_us", "ratio_vs_torch", "ms_gc_frozen", "TFLOPs", "GBps", "tokens_per_s", "peak_GiB", "pct_of_ceiling",
            "MFU_nominal_pct", "ratio_vs_best_ref", "max_T", "skipped", "error")
 
@@ -160,7 +164,7 @@ def main(argv=None) -> int:
     else:
         print("no CUDA GPU: ceilings not measured; GPU-only benchmarks are skipped and the train step "
               "runs the tiny preset on the CPU")
-    areas = list(AREAS) if args.area == "all" else [args.area]
+    areas = [a for a in AREAS if a not in NOT_IN_ALL] if args.area == "all" else [args.area]
     rows: list[dict] = []
     status: dict[str, dict] = {}
     for area in areas:

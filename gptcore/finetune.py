@@ -203,6 +203,8 @@ class FineTuner(T.Trainer):
     """gptcore.train.Trainer on an SFTData set, with LoRA; the step and the run loop are the trainer's."""
 
     cfg: FinetuneConfig
+    fsdp_refusal = ("gptcore.finetune does not shard with FSDP (LoRA's frozen bf16 base and the held-out "
+                    "responses, generated on rank 0 alone, are not wired for it); use --parallel ddp")
 
     def __init__(self, cfg: FinetuneConfig, dist_, resume_hint: Optional[str] = None):
         self.base_info: Optional[dict] = None

@@ -161,11 +161,13 @@ def clip_and_check(params: Sequence[Tensor], loss_sum: Tensor, grad_clip: float,
     divides by: the same update without a read-modify-write pass over every gradient."""
     foreach = True if loss_sum.is_cuda else None  # None: torch's per-tensor loop on the CPU, as before
     if not fold:
-        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), foreach=foreach).float()
-        return gnorm, torch.isfinite(loss_sum) & torch.isfinite(gnorm), None
-    grads = [p.grad for p in params if p.grad is not None]
-    gnorm = torch.nn.utils.get_total_norm(grads, foreach=foreach).float()
-    scale = torch.clamp((gnorm + 1e-6) / grad_clip, min=1.0) if grad_clip else None
+        gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"), foreach=foreach)
+    else:
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=foreach)
+    if hasattr(gnorm, "full_tensor"):  # FSDP's sharded grads give a DTensor norm (already reduced)
+        gnorm = gnorm.full_tensor()
+    gnorm = gnorm.float().to(loss_sum.device)  # CPU-offloaded grads: the norm comes back beside the loss
+    scale = torch.clamp((gnorm + 1e-6) / grad_clip, min=1.0) if fold and grad_clip else None
     return gnorm, torch.isfinite(loss_sum) & torch.isfinite(gnorm), scale
 
 

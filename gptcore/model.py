@@ -178,6 +178,34 @@ class GPT(nn.Module):
         self.backend = backend
         return self
 
+    # ---- surgery (on a loaded model, before training it) --------------------------------------
+    def crop_context(self, T: int) -> "GPT":
+        """Keep the first T positions (nanoGPT's crop_block_size): the learned position table is cut,
+        RoPE tables are shortened. A longer T than the model's is a ValueError."""
+        cfg = self.config
+        if T == cfg.context_length:
+            return self
+        if T > cfg.context_length:
+            raise ValueError(f"context_length {T} exceeds the loaded model's {cfg.context_length}")
+        if "wpe" in self.transformer:
+            old = self.transformer.wpe
+            self.transformer["wpe"] = nn.Embedding(T, cfg.emb_dim).to(old.weight.device)
+            self.transformer.wpe.weight.data.copy_(old.weight.data[:T])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:T], self.rope_sin[:T]
+        self.config = cfg.replace(context_length=T)
+        return self
+
+    def set_dropout(self, p: float) -> "GPT":
+        """Dropout probability p everywhere (config.drop_rate included)."""
+        self.config = self.config.replace(drop_rate=p)
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            if hasattr(m, "drop_rate"):
+                m.drop_rate = p
+        return self
+
     def backend_report(self) -> dict[str, str]:
         """Which implementation each op runs on this backend (fallbacks are named as such)."""
         return dict(self.ops.report)
