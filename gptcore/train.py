@@ -63,15 +63,15 @@ import torch.nn.functional as F
 
 from gptcore.cli import (MAX_SEED, UsageError, add_debug_flag, check_backend, check_finite, check_int_range,
                          debug_enabled, refuse_if_too_big, run_cli)
-from gptcore.checkpoint import (CheckpointError, backend_for, capture_rng, load_checkpoint,
-                                load_weights, prune_checkpoints, remove_stale_temps, resolve_checkpoint,
-                                restore_rng, save_checkpoint, update_latest)
+from gptcore.io import (CheckpointError, capture_rng, load_checkpoint, load_pretrained, load_weights,
+                        prune_checkpoints, remove_stale_temps, resolve_checkpoint, restore_rng, save_checkpoint,
+                        update_latest)
 from gptcore.config import PRESETS, GPTConfig
 from gptcore.data import prepare
 from gptcore.graph_step import (GraphedStep, GraphUnavailable, adamw, after_load_state_dict, clip_and_check,
                                 portable_state_dict, resolve, set_lr, skip_if, unavailable_reason)
 from gptcore.model import GPT
-from gptcore.ops import BACKENDS
+from gptcore.ops import BACKENDS, default_backend
 from gptcore.rundir import (RunLock, append_run_marker, best_state, overwrite, read_metrics, resumable_states,
                             run_contents)
 from gptcore.tokenizer import ENDOFTEXT, get_encoding
@@ -682,7 +682,7 @@ class Trainer:
         self.bar = None
         self._resume_notes: list[str] = []
         self.precision = self._precision()
-        self.backend = cfg.backend or backend_for(self.device)
+        self.backend = cfg.backend or default_backend(self.device)
         torch.manual_seed(cfg.seed)
         ck = self._find_resume()
         self.data = self._prepare_data()
@@ -847,17 +847,7 @@ class Trainer:
         return model
 
     def _load_pretrained(self, name: str) -> GPT:
-        try:
-            from gptcore.hf import load_pretrained
-        except ImportError as e:
-            raise ConfigError(
-                f"--init-from {name}: not a gptcore checkpoint, and loading GPT-2 / Hugging Face weights needs "
-                f"gptcore.hf, which could not be imported ({e})"
-            ) from None
-        model = load_pretrained(name, trust_pickle=self.cfg.trust_pickle)
-        if not isinstance(model, GPT):
-            raise TypeError(f"gptcore.hf.load_pretrained({name!r}) returned {type(model).__name__}, not a GPT")
-        return model.set_backend(self.backend)
+        return load_pretrained(name, trust_pickle=self.cfg.trust_pickle).set_backend(self.backend)
 
     def _check_resume(self, ck) -> None:
         """Refuse a checkpoint whose model differs; say which settings changed."""

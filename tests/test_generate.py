@@ -1,7 +1,7 @@
 """Decode attention, the KV caches and generation (gptcore.generate).
 
 - decode_attention (Triton; interpreter on CPU) and decode_attention_ref against attention_ref
-  run per sequence, static and paged layouts, DESIGN.md's error rule;
+  run per sequence, static and paged layouts, the error rule of tests/errcheck.py;
 - a model run through KVCache / PagedKVCache gives the logits of the cache-less model;
 - greedy generation with the cache gives exactly the tokens of generation without it, batched
   prompts of different lengths give what each prompt gives alone, paged gives what static gives;
@@ -381,6 +381,7 @@ def _cli(*args):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_smoke_with_token_ids():
     r = _cli("--preset", "tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "7", "--max-new-tokens", "4",
              "--temperature", "0", "--device", "cpu", "--backend", "torch")
@@ -393,6 +394,7 @@ def test_cli_smoke_with_token_ids():
     assert r.returncode == 0 and "--top-p" in r.stdout and "--paged" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_smoke_with_text_streaming():
     pytest.importorskip("gptcore.tokenizer", reason="gptcore.tokenizer (text prompts) is not on this branch")
     from gptcore.tokenizer import get_encoding

@@ -461,6 +461,7 @@ def test_cli_help_documents_every_flag():
     assert "--preset" in text and "--port" in text
 
 
+@pytest.mark.slow
 def test_cli_serves_and_sigterm_drains():
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")

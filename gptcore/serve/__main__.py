@@ -68,7 +68,7 @@ def build_engine(args):
     else:
         dtype = getattr(torch, args.dtype)
     if args.ckpt:
-        from gptcore.checkpoint import load_model
+        from gptcore.io import load_model
 
         model = load_model(args.ckpt, device=device, backend=args.backend)
         name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))
