@@ -36,19 +36,18 @@ def test_fast_and_slow_steps_split_the_suite():
     assert [c[3:] for c in readme_test_commands()] == [["-m", "not slow"], ["-m", "slow"]]
 
 
-def _collect(hash_seed: str) -> list[str]:
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONHASHSEED": hash_seed})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ids = [line for line in r.stdout.splitlines() if "::" in line]
-    assert len(ids) > 100, r.stdout[-2000:]
-    return ids
-
-
 @pytest.mark.slow
-def test_two_collections_give_identical_ids():
-    """pytest-xdist needs every worker to collect the same ids in the same order; different hash
-    seeds would expose ids built from set order, random bytes or the clock."""
-    first, second = _collect("1"), _collect("2")
-    assert first == second, sorted(set(first) ^ set(second))[:20]
+def test_a_second_collection_gives_identical_ids(request):
+    """pytest-xdist needs every worker to collect the same ids in the same order. A fresh process
+    with another hash seed collects what this session collected (before -m deselected anything);
+    ids built from set order, random bytes or the clock would differ."""
+    from conftest import COLLECTED_IDS
+
+    here = request.config.stash[COLLECTED_IDS]
+    seed = "1" if os.environ.get("PYTHONHASHSEED") != "1" else "2"
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                        *request.config.args], cwd=request.config.invocation_params.dir, capture_output=True,
+                       text=True, timeout=600, env={**os.environ, "PYTHONHASHSEED": seed})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    there = [line for line in r.stdout.splitlines() if "::" in line]
+    assert len(there) == len(here) and there == here, sorted(set(here) ^ set(there))[:20]

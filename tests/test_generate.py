@@ -280,7 +280,8 @@ def test_paged_out_of_blocks_is_a_clear_error_and_stays_usable():
 
 
 # ---- generation -------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch",
+                                     pytest.param("triton", marks=pytest.mark.slow)])  # interpreted: ~1 min on a CPU
 def test_greedy_cached_equals_uncached(backend):
     m = _model(backend).to(DEV)
     n = 12 if backend == "triton" else 20

@@ -14,12 +14,9 @@ import copy
 import io
 import json
 import math
-import os
 import random
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +30,6 @@ from gptcore.inspect_ckpt import main as inspect_main
 
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parent.parent
 ON_GPU = torch.cuda.is_available()
 BACKENDS = ["reference", "torch", "triton"]
 SMALL = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64)
@@ -448,8 +444,8 @@ def test_untrusted_pickle_is_refused_unless_trusted(tmp_path):
 
 # ---- inspect CLI -------------------------------------------------------------------------------
 def _cli(*args):
-    """inspect_ckpt's main in this process (python -m is covered by test_cli_sweep's subprocess case and
-    test_training_checkpoint_is_read_by_load_any_and_inspect): (returncode, stdout, stderr)."""
+    """inspect_ckpt's main in this process (python -m gptcore.inspect_ckpt is test_cli_sweep's
+    subprocess case): (returncode, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -595,7 +591,6 @@ def test_training_checkpoint_is_read_by_load_any_and_inspect(tmp_path):
         assert got_cfg == cfg and meta["format"] == "gptcore-train" and meta["step"] == 7
         for k, v in model.state_dict().items():
             assert torch.equal(sd[k], v), k
-    out = subprocess.run([sys.executable, "-m", "gptcore.inspect_ckpt", str(tmp_path / "run"), "--json"],
-                         capture_output=True, text=True, timeout=120)
+    out = _cli(tmp_path / "run", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["format"] == "gptcore-train"

@@ -44,6 +44,7 @@ def child_env(**extra) -> dict:
 
 
 # ---- training works ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_loss_falls_on_the_embedded_corpus(tmp_path, capsys):
     out = tmp_path / "run"
     rc = T.main(["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--max-steps", "30",
@@ -64,6 +65,7 @@ def test_loss_falls_on_the_embedded_corpus(tmp_path, capsys):
     assert (out / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     common = MICRO + ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--grad-accum", "2",
                       "--drop-rate", "0.1"]
@@ -371,6 +373,7 @@ def test_two_gloo_processes_match_one_process_with_grad_accum_and_resume(tmp_pat
 
 
 # ---- pieces -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_log_interval_is_honoured_with_the_progress_bar(tmp_path, monkeypatch):
     """With the bar on, --log-interval sets how often the bar's loss / lr / tok/s are refreshed."""
     import tqdm.auto
