@@ -455,7 +455,6 @@ def _cli(*args):
     return argparse.Namespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
 
 
-@pytest.mark.slow
 def test_inspect_cli_help_documents_every_flag():
     r = _cli("--help")
     assert r.returncode == 0
@@ -463,7 +462,6 @@ def test_inspect_cli_help_documents_every_flag():
         assert flag in r.stdout
 
 
-@pytest.mark.slow
 def test_inspect_cli_hf_fits_and_mismatch(tmp_path):
     h = _hf_model()
     h.save_pretrained(tmp_path / "hf")
@@ -481,7 +479,6 @@ def test_inspect_cli_hf_fits_and_mismatch(tmp_path):
     assert {"field": "vocab_size", "checkpoint": 1000, "target": 50257} in rep["differences"]["config"]
 
 
-@pytest.mark.slow
 def test_inspect_cli_refuses_untrusted_pickle(tmp_path):
     torch.save({"model": {}, "args": argparse.Namespace(x=1)}, tmp_path / "evil.pt")
     r = _cli(tmp_path / "evil.pt")
@@ -576,7 +573,6 @@ def test_unreadable_files_are_format_errors(tmp_path, capsys, name, content):
     assert "not a" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_training_checkpoint_is_read_by_load_any_and_inspect(tmp_path):
     """A checkpoint written by the trainer (and its run folder, through `latest`) loads anywhere."""
     from gptcore import io as checkpoint
