@@ -3,7 +3,7 @@
     python -m bench [kernels|train|generate|host|serve|finetune|scale|all] [--quick] [--out DIR] [--preset NAME] ...
 
 First prints this GPU's measured ceilings (copy GB/s, bf16 matmul TFLOP/s), then runs each area's
-modules (imported lazily; a module that is absent or fails is reported and the run goes on):
+modules (imported lazily; a module that fails is reported and the run goes on):
 
     kernels    bench.kernels_norm, bench.kernels_attention, bench.kernels_kv   (CUDA GPU only)
     train      bench.train_step
@@ -17,13 +17,12 @@ modules (imported lazily; a module that is absent or fails is reported and the r
 Each module has ``run(quick=False, ...) -> list[dict]`` (row schema: bench/README.md). Output: a
 table per area on the terminal, one JSON with every row plus GPU, versions, date, git commit and
 the exact command (harness.write_json, into --out or bench/results/), and PNG plots beside it.
-Exit status 1 if a module that exists failed, else 0.
+Exit status 1 if a module failed, else 0.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import inspect
 import os
 import sys
@@ -84,15 +83,10 @@ def _kwargs_for(fn, args) -> dict:
 
 
 def _run_module(name: str, args) -> tuple[list[dict], dict]:
-    """(rows, status) of one module; status['status'] is ok / absent / failed."""
+    """(rows, status) of one module; status['status'] is ok / skipped / failed."""
     t0 = time.perf_counter()
     try:
         mod = importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return [], {"status": "absent", "detail": f"{name} is not in this checkout"}
-        traceback.print_exc()
-        return [], {"status": "failed", "detail": f"import: {type(e).__name__}: {e}"}
     except Exception as e:  # noqa: BLE001 - reported, the suite goes on
         traceback.print_exc()
         return [], {"status": "failed", "detail": f"import: {type(e).__name__}: {e}"}
@@ -172,10 +166,6 @@ def main(argv=None) -> int:
             print("\nkernels: need a CUDA GPU (kernels are timed on GPU only; their correctness tests run "
                   "on the CPU under TRITON_INTERPRET=1): skipped")
         for name in AREAS[area]:
-            if importlib.util.find_spec(name) is None:
-                status[name] = {"status": "absent", "detail": f"{name} is not in this checkout"}
-                print(f"\n{name}: absent (not in this checkout)")
-                continue
             if area == "kernels" and not on_gpu:
                 status[name] = {"status": "skipped", "detail": "needs a CUDA GPU (kernels are timed on GPU only)"}
                 print(f"{name}: skipped")

@@ -100,7 +100,7 @@ def _hf_step(preset: str, B: int, T: int, device, dtype):
     from peft import LoraConfig, get_peft_model
 
     from gptcore import GPTConfig
-    from gptcore.hf import config_to_hf
+    from gptcore.io import config_to_hf
 
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset(preset, context_length=max(T, 64) if preset == "tiny" else T)

@@ -3,7 +3,7 @@
     python -m bench.kernels_attention            # full sweep, writes bench/results/kernels_attention-*.json
     python -m bench.kernels_attention --quick    # T in {1024, 4096} only
 
-Setting (DESIGN.md): bf16, causal, 16k tokens per batch (B = 16384 / T), T in {1024, 2048, 4096,
+Setting: bf16, causal, 16k tokens per batch (B = 16384 / T), T in {1024, 2048, 4096,
 8192}, head_dim 64 with H = 12 (GPT-2 124M's layout) and head_dim 128 with H = 8.
 Implementations side by side: gptcore triton, SDPA flash, SDPA cuDNN, SDPA memory-efficient and
 the reference path (explicit masked softmax; only T <= 4096, where its T x T tensors fit).

@@ -7,7 +7,7 @@
 //   (host_check=False: on CUDA, skip the host copy of pos/block_table for the bounds check, i.e. the
 //   sync; for callers that already guarantee the bounds, as gptcore.kv_cache does with its host
 //   shadows. The kernels still drop any out-of-bounds write.)
-//   paged_gather(cache, block_table, lengths, max_len) -> [B, H, max_len, D]  (zeros past length)
+//   paged_gather(cache, block_table, lengths, max_len, host_check=True) -> [B, H, max_len, D]  (zeros past length)
 //   kv_reorder(cache!, index, length)                   cache[:, i] = old cache[:, index[i]]
 // CUDA implementations live in kv_cache_cuda.cu and are compiled only where CUDA exists; the
 // CPU ones below are plain loops over rows (at::parallel_for + memcpy).
@@ -261,7 +261,7 @@ static void paged_append_cpu(at::Tensor& k_cache, at::Tensor& v_cache, const at:
 
 // out[b, h, t] = cache[block_table[b, t / bs], h, t % bs] for t < lengths[b], zeros after.
 static at::Tensor paged_gather_cpu(const at::Tensor& cache, const at::Tensor& block_table,
-                                   const at::Tensor& lengths, int64_t max_len) {
+                                   const at::Tensor& lengths, int64_t max_len, bool /*host_check*/) {
   check_paged_gather(cache, block_table, lengths, max_len);
   const int64_t NB = cache.size(0), H = cache.size(1), bs = cache.size(2), D = cache.size(3);
   check_gather_host(block_table, lengths, max_len, bs, NB);
@@ -325,7 +325,7 @@ TORCH_LIBRARY(gptcore, m) {
   m.def(
       "paged_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, Tensor block_table, "
       "Tensor pos, bool host_check=True) -> ()");
-  m.def("paged_gather(Tensor cache, Tensor block_table, Tensor lengths, int max_len) -> Tensor");
+  m.def("paged_gather(Tensor cache, Tensor block_table, Tensor lengths, int max_len, bool host_check=True) -> Tensor");
   m.def("kv_reorder(Tensor(a!) cache, Tensor index, int length) -> ()");
 }
 

@@ -253,12 +253,12 @@ __global__ void paged_gather_kernel(vec_t* __restrict__ out, const vec_t* __rest
 }
 
 at::Tensor paged_gather_cuda(const at::Tensor& cache, const at::Tensor& block_table,
-                             const at::Tensor& lengths, int64_t max_len) {
+                             const at::Tensor& lengths, int64_t max_len, bool host_check) {
   check_paged_gather(cache, block_table, lengths, max_len);
   const c10::cuda::CUDAGuard guard(cache.device());
   const int64_t NB = cache.size(0), H = cache.size(1), bs = cache.size(2), D = cache.size(3);
   const int64_t B = block_table.size(0), MB = block_table.size(1);
-  if (!capturing()) check_gather_host(block_table, lengths, max_len, bs, NB);
+  if (host_check && !capturing()) check_gather_host(block_table, lengths, max_len, bs, NB);
   at::Tensor out = at::empty({B, H, max_len, D}, cache.options());
   if (out.numel() == 0) return out;
   const int64_t esz = cache.element_size();

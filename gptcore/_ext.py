@@ -41,7 +41,7 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"gptcore::{name}", no_output)
 
     @torch.library.register_fake("gptcore::paged_gather")
-    def _paged_gather_fake(cache, block_table, lengths, max_len):
+    def _paged_gather_fake(cache, block_table, lengths, max_len, host_check=True):
         # cache [num_blocks, H, block_size, D], block_table [B, max_blocks] -> [B, H, max_len, D]
         return cache.new_empty((block_table.shape[0], cache.shape[1], max_len, cache.shape[3]))
 

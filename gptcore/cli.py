@@ -44,9 +44,8 @@ def _expected() -> tuple[type, ...]:
     """Exception classes that mean bad input, not a bug (imported lazily: a CLI may fail before
     torch is imported)."""
     classes: list[type] = [UsageError, OSError, UnicodeError, ValueError]
-    for mod, names in (("gptcore.data", ["DataError"]), ("gptcore.checkpoint", ["CheckpointError"]),
-                       ("gptcore.rundir", ["RunDirError"]), ("gptcore.formats", ["FormatError", "UntrustedPickleError"]),
-                       ("gptcore.train", ["ConfigError"])):
+    for mod, names in (("gptcore.data", ["DataError"]), ("gptcore.io.common", ["CheckpointError"]),
+                       ("gptcore.rundir", ["RunDirError"]), ("gptcore.train", ["ConfigError"])):
         m = sys.modules.get(mod)
         for n in names:
             if m is not None and hasattr(m, n):

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from gptcore.cli import (UsageError, add_debug_flag, check_backend, check_device, check_int_range,
                          refuse_if_too_big, run_cli)
-from gptcore.config import GPTConfig
-from gptcore.checkpoint import CheckpointError, load_model, read_meta, resolve_checkpoint
+from gptcore.io import build_model, read_checkpoint
 from gptcore.data import DataError, GPTDataset, Source, prepare
 from gptcore.model import GPT
 from gptcore.ops import BACKENDS
@@ -105,7 +104,10 @@ def evaluate_tokens(model: GPT, ids, context_length: Optional[int] = None, strid
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m gptcore.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    ap.add_argument("--ckpt", required=True, help="checkpoint directory, or a run directory (uses its latest)")
+    ap.add_argument("--ckpt", required=True,
+                    help="any checkpoint inspect reads: a checkpoint or run directory (uses its latest), a Hugging "
+                         "Face folder, nanoGPT ckpt.pt, ... (data and tokenizer default to gpt2's 'default' corpus "
+                         "when the file does not record its own)")
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--data", default=None,
                      help="corpus whose split to score: a file, folder, glob or 'default' (default: the "
@@ -157,27 +159,27 @@ def _main(argv) -> int:
              "auto": torch.bfloat16 if device.type == "cuda" else torch.float32}[args.dtype]
     if args.file is not None and not Path(args.file).is_file():
         raise DataError(f"--file {args.file}: not found (give a text file)")
-    meta = read_meta(args.ckpt)
-    try:
-        mc = GPTConfig.from_dict(meta["model_config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{args.ckpt}: invalid model_config in meta.json ({e})") from None
+    ck = read_checkpoint(args.ckpt)  # any format inspect reads
+    meta, mc = ck.meta, ck.model_config
+    # gptcore's formats name their tokenizer; every other GPT-2 checkpoint uses GPT-2's
+    tokenizer = meta.get("tokenizer", "gpt2") if ck.format.startswith("gptcore") else "gpt2"
     T = args.context_length or mc.context_length
     if T > mc.context_length:
         raise UsageError(f"--context-length {T} exceeds the model's {mc.context_length}")
     refuse_if_too_big(f"--batch-size {args.batch_size} x context {T} (fp32 logits over {mc.vocab_size} tokens)",
                       2 * 4 * args.batch_size * T * mc.vocab_size, device, "lower --batch-size")
-    model = load_model(args.ckpt, device=device, backend=args.backend)
+    model = build_model(mc, ck.state_dict, backend=args.backend, dtype=torch.float32, device=device,
+                        source=str(ck.path))  # fp32 weights; --dtype autocasts
     tcfg = meta.get("train_config", {})
     if args.file is not None:
         if not Path(args.file).is_file():
             raise DataError(f"{args.file} not found (give a text file)")
         text = Source(args.file).read(args.data_errors)
-        ids = get_encoding(meta.get("tokenizer", "gpt2")).encode(text, allowed_special={ENDOFTEXT})
+        ids = get_encoding(tokenizer).encode(text, allowed_special={ENDOFTEXT})
         source, split, stride, matches = args.file, "whole file", args.stride, None
     else:
         spec = args.data or meta.get("data") or "default"
-        data = prepare(spec, tokenizer=meta.get("tokenizer", "gpt2"),
+        data = prepare(spec, tokenizer=tokenizer,
                        val_fraction=tcfg.get("val_fraction", 0.1), errors=args.data_errors, progress=False)
         ids = data.splits[args.split]
         source, split, stride, matches = spec, args.split, None, data.hash == meta.get("data_hash")
@@ -187,7 +189,7 @@ def _main(argv) -> int:
         ids = ids[: args.max_tokens]
     res = evaluate_tokens(model, ids, args.context_length, stride, args.batch_size, dtype,
                           progress=not args.no_progress)
-    out = {"checkpoint": str(resolve_checkpoint(args.ckpt)), "step": meta.get("step"), "source": source, "split": split,
+    out = {"checkpoint": str(ck.path), "step": meta.get("step"), "source": source, "split": split,
            "data_matches_checkpoint": matches, **res}
     if args.json:
         print(json.dumps(out))

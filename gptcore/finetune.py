@@ -25,7 +25,7 @@ Each micro-batch's loss is the mean over its response tokens.
 
 Outputs in --out-dir, besides the trainer's ckpt-*/ best/ latest metrics.jsonl loss.png:
   adapter/        PEFT layout (adapter_config.json + adapter_model.safetensors) of the last step;
-                  HF PEFT loads it onto the GPT2LMHeadModel that `model.save_hf` writes
+                  HF PEFT loads it onto the GPT2LMHeadModel that `gptcore.io.save_hf` writes
   best-adapter/   the same for the best held-out loss
   base-hf/        (with --merge and LoRA) the base in Hugging Face format, for PeftModel
   merged/         (--merge) full weights, gptcore checkpoint (python -m gptcore.generate --ckpt)
@@ -57,7 +57,7 @@ from typing import Callable, Optional
 import torch
 
 from gptcore import train as T
-from gptcore.checkpoint import CheckpointError, atomic_write_text, load_weights, save_checkpoint
+from gptcore.io import CheckpointError, atomic_write_text, load_weights, save_checkpoint, save_hf
 from gptcore.cli import run_cli
 from gptcore.lora import (LoRAError, VALID_TARGETS, apply_lora, base_fingerprint, cast_base, check_rank,
                           merge_lora, parse_targets, save_adapter)
@@ -383,7 +383,7 @@ class FineTuner(T.Trainer):
                 base = GPT(model.config, backend="torch")
                 base.load_state_dict({k: v.float() for k, v in base_state_dict(model).items()}, strict=False)
                 if model.config.pos_emb == "learned":
-                    base.save_hf(self.out_dir / "base-hf")
+                    save_hf(base, self.out_dir / "base-hf")
                     notes.append(f"base (Hugging Face, for PeftModel.from_pretrained): {self.out_dir / 'base-hf'}")
                 merge_lora(model)
             model = model.float()
@@ -392,7 +392,7 @@ class FineTuner(T.Trainer):
                     "lora_base": self.base_info, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             notes.append(f"merged weights (gptcore): {save_checkpoint(self.out_dir / 'merged', model, None, meta)}")
             if model.config.pos_emb == "learned":
-                model.save_hf(self.out_dir / "merged-hf")
+                save_hf(model, self.out_dir / "merged-hf")
                 notes.append(f"merged weights (Hugging Face): {self.out_dir / 'merged-hf'}")
         return notes
 

@@ -347,7 +347,9 @@ class PagedKVCache(_Cache):
         kc, vc = self._layer(layer)
         B = self.batch_size
         table, lengths = self.block_table[:B], self._lengths[:B]
-        return self._ops.paged_gather(kc, table, lengths, n), self._ops.paged_gather(vc, table, lengths, n)
+        # bounds: reserve() keeps every length <= n and every block id in the table (no host sync per layer)
+        return (self._ops.paged_gather(kc, table, lengths, n, False),
+                self._ops.paged_gather(vc, table, lengths, n, False))
 
     def _sync_table(self) -> None:
         host = torch.full((self.max_batch_size, self.max_blocks), -1, dtype=torch.int32)

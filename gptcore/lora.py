@@ -22,7 +22,7 @@ PEFT layout. HF GPT-2 stores these layers as Conv1D with weight (in, out); PEFT'
 (``fan_in_fan_out=True``) keeps lora_A.weight (r, in) and lora_B.weight (out, r), the same as
 here, so the tensors are written as they are under PEFT's names
 ``base_model.model.transformer.h.{i}.attn.c_attn.lora_A.weight``; ``PeftModel.from_pretrained``
-loads them onto the ``GPT2LMHeadModel`` that ``model.save_hf`` writes. The safetensors metadata
+loads them onto the ``GPT2LMHeadModel`` that ``gptcore.io.save_hf`` writes. The safetensors metadata
 also carries ``gptcore_adapter``: the base's model config and a fingerprint of its weights, which
 ``load_adapter`` checks (an adapter for another base is an error naming what differs).
 """
@@ -236,7 +236,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, base_name: Optional[
     base_info (default: computed now) holds the base's model config and weight fingerprint."""
     from safetensors.torch import save_file
 
-    from gptcore.checkpoint import atomic_write_text
+    from gptcore.io import atomic_write_text
 
     cfg = peft_config(model, base_name)
     tensors = {}

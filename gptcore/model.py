@@ -305,18 +305,6 @@ class GPT(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
-    # ---- Hugging Face GPT-2 interop (gptcore.hf) --------------------------------------------
-    @classmethod
-    def from_hf(cls, path, backend: Optional[str] = None, dtype=None) -> "GPT":
-        """Load a local Hugging Face GPT-2 folder (config.json + model.safetensors/.bin)."""
-        from gptcore import hf
-        return hf.from_hf(path, backend=backend, dtype=dtype)
-
-    def save_hf(self, path, dtype=None) -> None:
-        """Write config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
-        from gptcore import hf
-        hf.save_hf(self, path, dtype=dtype)
-
     # ---- accounting ------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once). non_embedding drops token and position tables."""

@@ -1,6 +1,6 @@
 """The ops layer: one small table that maps each op the model needs to an implementation.
 
-Backends (DESIGN.md):
+Backends:
   reference  the textbook math in plain PyTorch (gptcore.kernels.reference): the oracle
   torch      PyTorch's own fused ops (scaled_dot_product_attention, F.layer_norm, F.gelu):
              what a nanoGPT user runs today, the baseline to beat

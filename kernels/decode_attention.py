@@ -30,7 +30,6 @@ Reference twin: gptcore.kernels.reference.decode_attention_ref. Tests: tests/tes
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -38,6 +37,7 @@ import triton
 import triton.language as tl
 
 from gptcore.kernels._launch import cdiv, next_pow2, planned
+from gptcore.kernels._rows import persistent_programs
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -154,23 +154,18 @@ def _combine_kernel(PartAcc, PartMax, PartSum, Out,  # partials: (B*H, S, BLOCK_
     tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def plan_splits(batch_heads: int, capacity: int, device: torch.device, block_n: int,
                 num_splits: int | None = None) -> tuple[int, int]:
     """(num_splits, split_len): about twelve programs per SM (a memory-bound kernel wants many warps
     in flight), each a whole number of BLOCK_N tiles; one split on the CPU unless asked.
 
-    Twelve, not four, from bench/sweep_decode.py on an H100 (GPT-2 heads, bf16, CUDA graph): at
-    batch 32 with 1024 cached keys 4 splits take 31 us against 43 us for 2; at batch 8, 16 splits
-    10 us against 13 us for 6; at batch 1 both give every tile its own program."""
+    Twelve, not four: in bench/sweep_decode.py (GPT-2 heads, bf16, CUDA graph) the splits twelve
+    programs per SM give beat the fewer, longer ones four give at batch 8 and 32; at batch 1 both
+    give every tile its own program. Rerun the sweep to retune on another GPU."""
     tiles = max(1, cdiv(capacity, block_n))
     if num_splits is None:
         if device.type == "cuda":
-            want = 12 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            want = persistent_programs(device, 12)
             num_splits = cdiv(want, max(1, batch_heads))
         else:
             num_splits = 1

@@ -21,10 +21,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ON_GPU = torch.cuda.is_available()
+COLLECTED_IDS = pytest.StashKey[list]()  # every node id this session collected, in order
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m / -k deselect: test_ci compares every collected id
 def pytest_collection_modifyitems(config, items):
+    config.stash[COLLECTED_IDS] = [item.nodeid for item in items]
     if ON_GPU:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

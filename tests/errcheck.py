@@ -1,4 +1,4 @@
-"""DESIGN.md's correctness rule as one helper.
+"""The correctness rule as one helper (README: Tests).
 
 The fast path's error against a high-precision oracle may be at most ``factor`` times the error
 of a low-precision reference computed the ordinary way, plus a small absolute floor:

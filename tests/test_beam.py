@@ -82,6 +82,7 @@ def test_stop_tokens_and_errors():
         Generator(m).beam_search([1] * 60, 10, num_beams=2)
 
 
+@pytest.mark.slow
 def test_cli_num_beams():
     import subprocess
     import sys

@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gptcore import checkpoint as C
+from gptcore import io as C
+from gptcore import ops
+from gptcore.io.train_ckpt import META_FILE, MODEL_FILE, STATE_FILE
 from gptcore.config import GPTConfig
 from gptcore.model import GPT
 
@@ -33,7 +35,7 @@ def test_round_trip_and_tied_weights_once(tmp_path):
     model.loss(torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))).backward()
     opt.step()
     path = _save(tmp_path / "ckpt-0000003", model, {"optimizer": opt.state_dict(), "step": 3})
-    with safe_open(str(path / C.MODEL_FILE), "pt") as f:
+    with safe_open(str(path / MODEL_FILE), "pt") as f:
         keys = set(f.keys())
     assert "lm_head.weight" not in keys and "transformer.wte.weight" in keys
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in keys)
@@ -43,11 +45,11 @@ def test_round_trip_and_tied_weights_once(tmp_path):
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
     # state.pt holds tensors and plain containers only: the safe loader reads it
-    state = torch.load(path / C.STATE_FILE, weights_only=True)
+    state = torch.load(path / STATE_FILE, weights_only=True)
     assert state["step"] == 3
-    meta = json.loads((path / C.META_FILE).read_text())
+    meta = json.loads((path / META_FILE).read_text())
     assert meta["format_version"] == C.FORMAT_VERSION
-    assert set(meta["files"]) == {C.MODEL_FILE, C.STATE_FILE}
+    assert set(meta["files"]) == {MODEL_FILE, STATE_FILE}
     ck = C.load_checkpoint(tmp_path / "ckpt-0000003")
     torch.testing.assert_close(ck.state["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"],
                                rtol=0, atol=0)
@@ -92,23 +94,23 @@ def test_replacing_a_checkpoint(tmp_path):
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
     path = _save(tmp_path / "ckpt-0000003", _model(), {"step": 3})
     if damage == "truncate_model":
-        data = (path / C.MODEL_FILE).read_bytes()
-        (path / C.MODEL_FILE).write_bytes(data[: len(data) // 2])
+        data = (path / MODEL_FILE).read_bytes()
+        (path / MODEL_FILE).write_bytes(data[: len(data) // 2])
         match = "truncated"
     elif damage == "flip_state":
-        data = bytearray((path / C.STATE_FILE).read_bytes())
+        data = bytearray((path / STATE_FILE).read_bytes())
         data[len(data) // 2] ^= 0xFF
-        (path / C.STATE_FILE).write_bytes(bytes(data))
+        (path / STATE_FILE).write_bytes(bytes(data))
         match = "SHA-256"
     elif damage == "bad_meta":
-        text = (path / C.META_FILE).read_text()
-        (path / C.META_FILE).write_text(text[: len(text) // 2])
+        text = (path / META_FILE).read_text()
+        (path / META_FILE).write_text(text[: len(text) // 2])
         match = "not valid JSON"
     elif damage == "missing_state":
-        (path / C.STATE_FILE).unlink()
+        (path / STATE_FILE).unlink()
         match = "missing"
     else:
-        (path / C.META_FILE).unlink()
+        (path / META_FILE).unlink()
         match = "no meta.json"
     with pytest.raises(C.CheckpointError, match=match):
         C.load_checkpoint(path)
@@ -116,9 +118,9 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
 
 def test_checkpoint_of_another_shape_names_the_tensors(tmp_path):
     path = _save(tmp_path / "x", _model())
-    meta = json.loads((path / C.META_FILE).read_text())
+    meta = json.loads((path / META_FILE).read_text())
     meta["model_config"]["emb_dim"] = 32
-    (path / C.META_FILE).write_text(json.dumps(meta))
+    (path / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(C.CheckpointError, match=r"transformer\.wte\.weight: \(97, 16\)"):
         C.load_model(path)
 
@@ -158,7 +160,8 @@ def test_latest_prune_and_fallback(tmp_path):
 
 
 def test_cpu_models_get_a_cpu_backend_even_where_a_gpu_exists(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "default_backend", lambda: "triton")  # as on a GPU machine
-    assert C.backend_for("cpu") == "torch" and C.backend_for("cuda:0") == "triton"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    monkeypatch.setattr(ops, "triton_status", lambda: None)
+    assert ops.default_backend("cpu") == "torch" and ops.default_backend("cuda:0") == "triton"
     path = _save(tmp_path / "x", _model())
     assert C.load_model(path, device="cpu").backend == "torch"

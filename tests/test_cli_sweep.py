@@ -18,7 +18,7 @@ import torch
 from gptcore import eval as E
 from gptcore import finetune as FT
 from gptcore import generate as G
-from gptcore import inspect as I
+from gptcore import inspect_ckpt as I
 from gptcore import train as T
 
 MICRO = ["--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--context-length", "16", "--batch-size", "4",
@@ -220,16 +220,17 @@ def _python_m(module, *args, env=None):
     ("gptcore.train", ["--epochs", "inf"], "epochs must be a finite number"),
     ("gptcore.eval", ["--ckpt", "{root}/junk-ckpt", "--device", "cpu"], "not valid JSON"),
     ("gptcore.generate", ["--preset", "tiny", "--prompt-ids", "1", "--max-new-tokens", "0"], "--max-new-tokens"),
-    ("gptcore.inspect", ["{root}/random.pt"], "random.pt"),
+    ("gptcore.inspect_ckpt", ["{root}/random.pt"], "random.pt"),
     ("gptcore.finetune", ["--lora-rank", "-1", "--device", "cpu"], "lora_rank must be > 0"),
 ], ids=["train", "eval", "generate", "inspect", "finetune"])
+@pytest.mark.slow
 def test_cli_subprocess(env, module, args, needle):
     """As the user runs them: one line, status 2; --debug / GPTCORE_DEBUG=1 show the traceback."""
     args = [a.format(root=env["root"]) for a in args]
     r = _python_m(module, *args, env={"GPTCORE_DEBUG": "0"})
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr
-    if module in ("gptcore.inspect", "gptcore.finetune"):
+    if module in ("gptcore.inspect_ckpt", "gptcore.finetune"):
         r = _python_m(module, *args, "--debug")
         assert r.returncode != 0 and "Traceback" in r.stderr
 

@@ -8,7 +8,7 @@
 - torch.compile(model.loss, backend="aot_eager", fullgraph=True) of a tiny triton GPT traces with
   no graph break, keeps the kernels as gptcore:: nodes, and matches eager bit for bit (also with
   dropout: the seeds come from the same generator).
-- GPU (marked gpu): Inductor on a GPT-2-sized model in bf16 autocast against eager, by DESIGN.md's
+- GPU (marked gpu): Inductor on a GPT-2-sized model in bf16 autocast against eager, by the correctness
   rule (errors against a float64 reference-backend run), and dropout seeding under Inductor.
 
     python -m pytest -q tests/test_compile_ops.py            # CPU: Triton interpreter, small shapes
@@ -346,7 +346,7 @@ def test_tiny_gpt_compiled_with_dynamic_shapes():
 @pytest.mark.gpu
 def test_inductor_gpt2_bf16_autocast_matches_eager():
     """GPT-2-sized layers (C 768, 12 heads, vocab 50257), 2 of them, B 4 x T 256, fp32 weights,
-    bf16 autocast: Inductor-compiled loss and grads hold DESIGN.md's rule against a float64
+    bf16 autocast: Inductor-compiled loss and grads hold the correctness rule (tests/errcheck.py) against a float64
     reference-backend run, with the eager triton run's error as the bound."""
     torch.manual_seed(0)
     cfg = GPTConfig.from_preset("gpt2", n_layers=2, context_length=256)

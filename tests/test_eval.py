@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gptcore import eval as E
-from gptcore.checkpoint import save_checkpoint
+from gptcore.io import save_checkpoint
 from gptcore.config import GPTConfig
 from gptcore.model import GPT
 from gptcore.tokenizer import encode

@@ -250,6 +250,7 @@ def test_lora_training_changes_only_the_adapter(tmp_path, base_ckpt):
     assert sorted(cfg["target_modules"]) == ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
 
 
+@pytest.mark.slow
 def test_resume_of_a_lora_run_is_exact(tmp_path, base_ckpt):
     common = ["--init-from", str(base_ckpt), "--lora-rank", "4", "--max-steps", "6", "--ckpt-interval", "3",
               "--eval-interval", "3", "--lora-dropout", "0.1", "--grad-accum", "2"]
@@ -272,7 +273,7 @@ def test_resume_with_other_lora_settings_is_refused(tmp_path, base_ckpt, capsys)
 def test_merge_writes_gptcore_and_hf_weights_and_generate_runs_the_adapter(tmp_path, base_ckpt, capsys):
     out = ft_run(tmp_path, "m", "--init-from", str(base_ckpt), "--lora-rank", "4", "--max-steps", "3",
                  "--eval-interval", "0", "--lr", "3e-2", "--merge")
-    from gptcore.checkpoint import load_model
+    from gptcore.io import load_model
     from gptcore.generate import main as gen_main
 
     merged = load_model(out / "merged")
@@ -298,7 +299,9 @@ def test_peft_loads_the_adapter_onto_the_hf_export_with_the_same_logits(tmp_path
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     model = micro_model(qkv_bias=True)
-    model.save_hf(tmp_path / "base-hf")
+    from gptcore.io import save_hf
+
+    save_hf(model, tmp_path / "base-hf")
     apply_lora(model, rank=4, alpha=12, targets="c_attn,attn.c_proj,c_fc,mlp.c_proj")
     randomize_lora(model)
     save_adapter(model, tmp_path / "adapter", base_name=str(tmp_path / "base-hf"))

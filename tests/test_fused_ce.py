@@ -1,6 +1,6 @@
 """Fused LM head + cross-entropy (gptcore.loss) against its twin F.cross_entropy(F.linear(h, W).float(), y).
 
-DESIGN.md's rule throughout: oracle = the twin in float64, lowprec = the twin in the test dtype,
+The correctness rule (tests/errcheck.py) throughout: oracle = the twin in float64, lowprec = the twin in the test dtype,
 fast = the chunked op; losses and the gradients of h and W. Also the row step (Triton kernel and
 torch version) against torch's own cross-entropy, the torch.library registration under
 torch.compile, the model's default loss path, and bad input.

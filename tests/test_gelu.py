@@ -1,6 +1,6 @@
 """Triton bias+GELU (gptcore.kernels.gelu) against its reference twin and F.gelu(approximate="tanh").
 
-Every case draws fresh random inputs and checks the output, dx and dbias by DESIGN.md's rule
+Every case draws fresh random inputs and checks the output, dx and dbias by the correctness rule (tests/errcheck.py)
 (tests/errcheck.py): error against a float64 run of ``gelu_ref`` at most 2x the error of
 torch's own op in the same dtype, plus one unit of the dtype's resolution at the output's
 scale (for d bias, a sum over rows, also one fp32 unit at the scale of the summed magnitudes).

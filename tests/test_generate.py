@@ -1,7 +1,7 @@
 """Decode attention, the KV caches and generation (gptcore.generate).
 
 - decode_attention (Triton; interpreter on CPU) and decode_attention_ref against attention_ref
-  run per sequence, static and paged layouts, DESIGN.md's error rule;
+  run per sequence, static and paged layouts, the error rule of tests/errcheck.py;
 - a model run through KVCache / PagedKVCache gives the logits of the cache-less model;
 - greedy generation with the cache gives exactly the tokens of generation without it, batched
   prompts of different lengths give what each prompt gives alone, paged gives what static gives;
@@ -280,7 +280,8 @@ def test_paged_out_of_blocks_is_a_clear_error_and_stays_usable():
 
 
 # ---- generation -------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch",
+                                     pytest.param("triton", marks=pytest.mark.slow)])  # interpreted: ~1 min on a CPU
 def test_greedy_cached_equals_uncached(backend):
     m = _model(backend).to(DEV)
     n = 12 if backend == "triton" else 20
@@ -381,6 +382,7 @@ def _cli(*args):
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_smoke_with_token_ids():
     r = _cli("--preset", "tiny", "--prompt-ids", "1,2,3", "--prompt-ids", "7", "--max-new-tokens", "4",
              "--temperature", "0", "--device", "cpu", "--backend", "torch")
@@ -393,6 +395,7 @@ def test_cli_smoke_with_token_ids():
     assert r.returncode == 0 and "--top-p" in r.stdout and "--paged" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_smoke_with_text_streaming():
     pytest.importorskip("gptcore.tokenizer", reason="gptcore.tokenizer (text prompts) is not on this branch")
     from gptcore.tokenizer import get_encoding

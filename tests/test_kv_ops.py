@@ -316,3 +316,56 @@ def test_append_without_host_check(device):
         expect = before.clone()
         expect[1, :, 0] = k[1, :, 0]  # sequence 1 is in bounds; sequence 0's write is dropped
         assert torch.equal(kc, expect)
+
+
+def test_gather_without_host_check(device):
+    """paged_gather(host_check=False) (what PagedKVCache passes each layer: reserve() keeps the
+    bounds) reads like the checked op. On CUDA it must not sync with the GPU (checked with
+    torch.cuda.set_sync_debug_mode, which raises on a synchronizing call) and a bad length or block
+    id reads zeros instead of out of bounds; on the CPU the check is free and still runs."""
+    B, H, bs, D, max_blocks = 3, 2, 4, 8, 5
+    kc, _, table = _paged_setup(B, H, bs, D, max_blocks, torch.float32, device)
+    lengths = torch.tensor([2, 9, 20], device=device)
+    want = loop_paged_gather(kc, table, lengths, 20)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = ops.paged_gather(kc, table, lengths, 20, False)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    else:
+        out = ops.paged_gather(kc, table, lengths, 20, False)
+    assert torch.equal(out, want)
+    bad = torch.tensor([2, 9, 21], device=device)  # longer than max_len
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="paged_gather: lengths"):
+            ops.paged_gather(kc, table, bad, 20, False)
+    else:
+        out = ops.paged_gather(kc, table, bad, 20, False)
+        assert torch.equal(out[:2], want[:2])  # in-bounds rows are read; nothing outside the cache is
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eager_paged_decode_with_torch_attention_does_not_sync():
+    """The paged cache's decode step with the torch attention (gather, then SDPA) runs without a
+    device-to-host sync: set_sync_debug_mode('error') raises on any synchronizing call."""
+    from gptcore.config import GPTConfig
+    from gptcore.kv_cache import PagedKVCache
+    from gptcore.model import GPT
+
+    model = GPT(GPTConfig.from_preset("tiny"), backend="torch").cuda().eval()
+    cache = PagedKVCache.for_model(model, batch_size=2, max_seq_len=32, attention="torch")
+    with torch.no_grad():
+        model(torch.randint(0, 100, (2, 5), device="cuda"), kv_cache=cache)  # prefill (reserves itself)
+        tok = torch.randint(0, 100, (2, 1), device="cuda")
+        cache.reserve(1)  # host shadows and block table, outside the checked region
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with cache.external_reservation():
+                model(tok, kv_cache=cache)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert cache.host_lengths() == [6, 6]

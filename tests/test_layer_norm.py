@@ -1,7 +1,7 @@
 """Triton LayerNorm (gptcore.kernels.layer_norm) against its reference twin and F.layer_norm.
 
 Every case draws fresh random inputs and checks the output and every gradient (dx, dweight,
-dbias, and with a residual d residual and the returned h) by DESIGN.md's rule
+dbias, and with a residual d residual and the returned h) by the correctness rule (tests/errcheck.py)
 (tests/errcheck.py): the error against a float64 run of ``layer_norm_ref`` may be at most 2x the
 error of torch's own op in the same dtype, plus one unit of the dtype's resolution at the
 output's scale (for dweight and dbias, sums over rows, also one fp32 unit at the scale of the

@@ -1,4 +1,4 @@
-"""The model: reference path vs torch path (DESIGN.md's error rule), shapes, errors, accounting."""
+"""The model: reference path vs torch path (the error rule of tests/errcheck.py), shapes, errors, accounting."""
 import math
 
 import pytest

@@ -1,7 +1,7 @@
 """The model on the `triton` backend against the `reference` backend (small, fp32).
 
 Same weights everywhere; logits, loss and every parameter gradient of the triton model are held
-to DESIGN.md's rule: error against a float64 reference-backend run at most 2x the error of the
+to the correctness rule (tests/errcheck.py): error against a float64 reference-backend run at most 2x the error of the
 established fp32 paths (the larger of the fp32 reference backend's and the fp32 torch backend's,
 since ops without a Triton kernel yet run torch's implementation in the triton backend), plus
 one fp32 unit at the tensor's scale. On a CPU the Triton kernels run under the interpreter.

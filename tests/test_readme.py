@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # trains and runs every command in subprocesses
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -24,7 +28,7 @@ def quickstart_commands() -> list[str]:
 
 def test_readme_commands_work_on_the_quickstart_model(tmp_path):
     cmds = quickstart_commands()
-    assert {c.split()[2] for c in cmds} == {"gptcore.train", "gptcore.eval", "gptcore.generate", "gptcore.inspect"}
+    assert {c.split()[2] for c in cmds} == {"gptcore.train", "gptcore.eval", "gptcore.generate", "gptcore.inspect_ckpt"}
     env = {**os.environ, "GPTCORE_DATA_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
 
     def run(cmd: str):

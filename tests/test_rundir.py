@@ -20,7 +20,7 @@ import pytest
 from gptcore import data as D
 from gptcore import rundir
 from gptcore import train as T
-from gptcore.checkpoint import CheckpointError, find_latest
+from gptcore.io import CheckpointError, find_latest
 from gptcore.config import GPTConfig
 
 MICRO = ["--emb-dim", "16", "--n-heads", "2", "--n-layers", "1", "--context-length", "16", "--batch-size", "4",
@@ -64,6 +64,7 @@ def train_rows(out: Path) -> list[dict]:
 
 
 # ---- kill between an evaluation and the first checkpoint --------------------------------------------
+@pytest.mark.slow
 def test_resume_auto_after_a_kill_between_eval_and_checkpoint_keeps_everything(tmp_path):
     out = tmp_path / "out"
     args = MICRO + ["--eval-interval", "3", "--ckpt-interval", "100000", "--out-dir", str(out)]
@@ -99,6 +100,7 @@ def test_resume_auto_after_a_kill_between_eval_and_checkpoint_keeps_everything(t
 
 
 # ---- two runs, one out dir --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_second_run_into_an_owned_out_dir_is_refused(tmp_path):
     out = tmp_path / "out"
     args = MICRO + ["--eval-interval", "0", "--ckpt-interval", "0", "--out-dir", str(out)]
@@ -133,6 +135,7 @@ def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
 
 
 # ---- a signal during a long evaluation --------------------------------------------------------------
+@pytest.mark.slow
 def test_sigterm_during_a_long_evaluation_saves_and_resumes(tmp_path, monkeypatch, capsys):
     """The signal is sent by the process to itself at the 10th batch of the evaluation after step 2
     (deterministic: no race with a timer); the run stops after that batch, saves step 2, exits 143."""
@@ -174,6 +177,7 @@ def test_explicit_resume_of_an_older_state_does_not_replace_later_ones(tmp_path,
     assert T.main(base + ["--max-steps", "4", "--resume", str(out / "ckpt-0000002"), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_keep_last_after_a_resume_prunes_only_this_runs_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     base = MICRO + ["--eval-interval", "0", "--ckpt-interval", "1", "--out-dir", str(out)]
@@ -219,6 +223,7 @@ def test_read_metrics_applies_run_markers(tmp_path):
 
 
 # ---- the data cache ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_concurrent_prepares_of_one_new_corpus_all_succeed(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 3000)
@@ -311,8 +316,8 @@ def test_a_latest_pointer_stays_inside_its_run_dir(tmp_path):
 
 
 def test_an_hf_index_may_only_name_shards_beside_it(tmp_path):
-    from gptcore.formats import FormatError
-    from gptcore.hf import _index_shards
+    from gptcore.io import FormatError
+    from gptcore.io.hf import _index_shards
 
     idx = tmp_path / "model.safetensors.index.json"
     for wm, msg in ([{"a": "../x.safetensors"}, "outside"], [{"a": "model.safetensors.index.json"}, "not a weight"],

@@ -395,6 +395,7 @@ def test_http_models_health_metrics(server):
     assert f"gptcore_kv_blocks_total {float(engine.num_blocks)}" in text
 
 
+@pytest.mark.slow
 def test_http_load_with_random_cancels(server):
     """300 requests, 16 at a time, about a quarter cancelled mid-stream: every other request gets a
     complete answer, and at the end every KV block is free."""
@@ -461,6 +462,7 @@ def test_cli_help_documents_every_flag():
     assert "--preset" in text and "--port" in text
 
 
+@pytest.mark.slow
 def test_cli_serves_and_sigterm_drains():
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -12,7 +12,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -45,6 +44,7 @@ def child_env(**extra) -> dict:
 
 
 # ---- training works ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_loss_falls_on_the_embedded_corpus(tmp_path, capsys):
     out = tmp_path / "run"
     rc = T.main(["--preset", "tiny", "--context-length", "32", "--batch-size", "4", "--max-steps", "30",
@@ -65,6 +65,7 @@ def test_loss_falls_on_the_embedded_corpus(tmp_path, capsys):
     assert (out / "loss.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     common = MICRO + ["--max-steps", "8", "--ckpt-interval", "4", "--eval-interval", "4", "--grad-accum", "2",
                       "--drop-rate", "0.1"]
@@ -79,19 +80,52 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+# python -m gptcore.train that stops inside its optimizer step number AFTER (torch's global step
+# hook, no trainer internals): it writes "ready" to fd READY and waits until fd GO reaches EOF.
+_PAUSED_TRAIN = """
+import os, sys
+from torch.optim.optimizer import register_optimizer_step_post_hook
+ready, go, after = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+steps = 0
+def pause(optimizer, args, kwargs):
+    global steps
+    steps += 1
+    if steps == after:
+        os.write(ready, b"ready\\n")
+        while os.read(go, 1):  # a signal runs its handler and the read goes on: EOF releases the step
+            pass
+register_optimizer_step_post_hook(pause)
+from gptcore.train import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path):
+    """Synchronised through pipes, not sleeps: the child pauses inside step 2, the test sends SIGTERM,
+    waits for the child's handler to say so on stderr, then lets step 2 finish."""
     out = tmp_path / "run"
     args = MICRO + ["--max-steps", "20", "--ckpt-interval", "0", "--eval-interval", "0", "--out-dir", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "gptcore.train", *args], cwd=tmp_path, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").is_file() and len(metrics_lines(out)) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.communicate()
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=180)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_TRAIN, str(ready_w), str(go_r), "2", *args],
+                            cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            pass_fds=(ready_w, go_r))
+    os.close(ready_w), os.close(go_r)
+    try:
+        with os.fdopen(ready_r, "rb") as ready:
+            got = ready.readline()  # EOF (b"") if the child died first
+        assert got == b"ready\n", proc.communicate(timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        seen = []
+        for line in proc.stderr:  # the handler runs while the child waits on the pipe
+            seen.append(line)
+            if "SIGTERM received" in line:
+                break
+    finally:
+        os.close(go_w)
+    stdout, rest = proc.communicate(timeout=180)
+    stderr = "".join(seen) + rest
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "SIGTERM received" in stderr
     k = int((out / "latest").read_text().strip().split("-")[1])
@@ -106,10 +140,6 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path):
     ref = tmp_path / "ref"
     assert T.main(args[:-1] + [str(ref)]) == 0
     assert metrics(ref) == resumed  # exact: the interrupted run continued as if nothing happened
-
-
-def metrics_lines(out: Path) -> list:
-    return [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
 
 
 # ---- non-finite steps ---------------------------------------------------------------------------------
@@ -294,7 +324,7 @@ def test_resume_on_other_data_warns_and_goes_on(tmp_path, capsys):
     assert max(metrics(out)) == 3
 
 
-def test_init_from_a_checkpoint_with_shorter_context_and_new_dropout(tmp_path, capsys, monkeypatch):
+def test_init_from_a_checkpoint_with_shorter_context_and_new_dropout(tmp_path, capsys):
     src = tmp_path / "src"
     assert T.main(MICRO + ["--max-steps", "1", "--out-dir", str(src)]) == 0
     out = tmp_path / "ft"
@@ -306,10 +336,6 @@ def test_init_from_a_checkpoint_with_shorter_context_and_new_dropout(tmp_path, c
     capsys.readouterr()
     assert T.main(args + ["--n-layers", "3", "--out-dir", str(tmp_path / "x")]) == 2
     assert "architecture comes from --init-from" in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, "gptcore.hf", None)  # as if gptcore.hf were not installed
-    gpt2 = ["--init-from", "gpt2", "--device", "cpu", "--max-steps", "1", "--out-dir", str(tmp_path / "g")]
-    assert T.main(gpt2) == 2
-    assert "needs gptcore.hf" in capsys.readouterr().err
 
 
 def torchrun_cpu(args: list[str]) -> subprocess.CompletedProcess:
@@ -325,6 +351,7 @@ def torchrun_cpu(args: list[str]) -> subprocess.CompletedProcess:
 
 
 # ---- data parallel --------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_grad_accum_and_resume(tmp_path):
     common = MICRO + ["--max-steps", "6", "--ckpt-interval", "3", "--eval-interval", "3"]
     one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
@@ -346,6 +373,7 @@ def test_two_gloo_processes_match_one_process_with_grad_accum_and_resume(tmp_pat
 
 
 # ---- pieces -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_log_interval_is_honoured_with_the_progress_bar(tmp_path, monkeypatch):
     """With the bar on, --log-interval sets how often the bar's loss / lr / tok/s are refreshed."""
     import tqdm.auto

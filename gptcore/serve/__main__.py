@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "/v1/chat/completions, /v1/models, /health, /metrics) with continuous batching "
                     "over a paged KV cache.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH", help="checkpoint (or run directory) to load")
+    src.add_argument("--ckpt", metavar="PATH",
+                     help="checkpoint to load, any format python -m gptcore.inspect_ckpt reads (a gptcore checkpoint "
+                          "or run directory, a Hugging Face GPT-2 folder, nanoGPT ckpt.pt, ...)")
     src.add_argument("--preset", choices=sorted(PRESETS), help="build this preset with random weights (seed --seed)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
@@ -70,7 +72,7 @@ def build_engine(args):
     else:
         dtype = getattr(torch, args.dtype)
     if args.ckpt:
-        from gptcore.checkpoint import load_model
+        from gptcore.io import load_model
 
         model = load_model(args.ckpt, device=device, backend=args.backend)
         name = args.model_name or os.path.basename(os.path.normpath(args.ckpt))

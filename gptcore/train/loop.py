@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gptcore.checkpoint import CheckpointError, backend_for
+from gptcore.io import CheckpointError
+from gptcore.ops import default_backend
 from gptcore.cli import UsageError, refuse_if_too_big
 from gptcore.config import GPTConfig
 from gptcore.data import prepare
@@ -77,7 +78,7 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
         self.bar = None
         self._resume_notes: list[str] = []
         self.precision = self._precision()
-        self.backend = cfg.backend or backend_for(self.device)
+        self.backend = cfg.backend or default_backend(self.device)
         torch.manual_seed(cfg.seed)
         ck = self._find_resume()
         self.data = self._prepare_data()

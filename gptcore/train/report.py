@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from gptcore.checkpoint import remove_stale_temps
+from gptcore.io import remove_stale_temps
 from gptcore.rundir import append_run_marker, overwrite
 from gptcore.train.config import TrainingError
 from gptcore.train.metrics import _json_num, _peak_rss_gib, plot_losses

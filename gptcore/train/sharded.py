@@ -28,7 +28,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from gptcore.checkpoint import _replace_dir, save_checkpoint
+from gptcore.io import save_checkpoint
+from gptcore.io.durable import replace_dir as _replace_dir
 from gptcore.train.distributed import is_sharded
 
 OPTIM_DIR = "optim"

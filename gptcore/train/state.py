@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from gptcore.checkpoint import (CheckpointError, capture_rng, load_checkpoint, load_weights, prune_checkpoints,
-                                resolve_checkpoint, restore_rng, save_checkpoint, update_latest)
+from gptcore.io import (CheckpointError, capture_rng, load_checkpoint, load_pretrained, load_weights,
+                        prune_checkpoints, resolve_checkpoint, restore_rng, save_checkpoint, update_latest)
 from gptcore.config import GPTConfig
 from gptcore.graph_step import after_load_state_dict, portable_state_dict
 from gptcore.model import GPT
@@ -110,17 +110,7 @@ class StateMixin:
         return model
 
     def _load_pretrained(self, name: str) -> GPT:
-        try:
-            from gptcore.hf import load_pretrained
-        except ImportError as e:
-            raise ConfigError(
-                f"--init-from {name}: not a gptcore checkpoint, and loading GPT-2 / Hugging Face weights needs "
-                f"gptcore.hf, which could not be imported ({e})"
-            ) from None
-        model = load_pretrained(name, trust_pickle=self.cfg.trust_pickle)
-        if not isinstance(model, GPT):
-            raise TypeError(f"gptcore.hf.load_pretrained({name!r}) returned {type(model).__name__}, not a GPT")
-        return model.set_backend(self.backend)
+        return load_pretrained(name, trust_pickle=self.cfg.trust_pickle).set_backend(self.backend)
 
     def _check_resume(self, ck) -> None:
         """Refuse a checkpoint whose model differs; say which settings changed."""

@@ -1,8 +1,9 @@
-"""Hugging Face GPT-2 weights in and out.
+"""Hugging Face GPT-2 weights in and out, as free functions.
 
-    model = GPT.from_hf("path/to/gpt2")          # a local folder: config.json + model.safetensors
-    model.save_hf("out/my-gpt2")                 # transformers.GPT2LMHeadModel.from_pretrained loads it
-    model = load_pretrained("gpt2")              # a path, or a known name: HF cache, else download
+    from gptcore.io import from_hf, save_hf, load_pretrained, download
+    model = from_hf("path/to/gpt2")              # a local folder: config.json + model.safetensors
+    save_hf(model, "out/my-gpt2")                # transformers.GPT2LMHeadModel.from_pretrained loads it
+    model = load_pretrained("gpt2")              # a path (any format), or a known name: HF cache, else download
     folder = download("gpt2-medium")             # needs network (huggingface_hub, else urllib)
 
 Folders from gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 and GPT2LMHeadModel.save_pretrained
@@ -30,10 +31,8 @@ from typing import Any, Optional
 import torch
 
 from gptcore.config import GPTConfig
-from gptcore.formats import (
-    Checkpoint, FormatError, PathLike, as_dtype, build_model, finish_state_dict, load_any, load_safetensors, read_json,
-    state_dict_dtype, strip_wrappers, torch_load,
-)
+from gptcore.io.common import Checkpoint, FormatError, PathLike, load_safetensors, read_json, strip_prefixes, torch_load
+from gptcore.io.weights import as_dtype, build_model, finish_state_dict, state_dict_dtype
 
 # Short names -> Hugging Face Hub repositories.
 KNOWN_MODELS = {
@@ -55,11 +54,11 @@ _HF_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
-# ---- model-level API (GPT.from_hf / GPT.save_hf delegate here) ------------------------------
-def from_hf(path: PathLike, backend: Optional[str] = None, dtype=None):
-    """GPT from a local Hugging Face GPT-2 folder (dtype None: the file's dtype)."""
+# ---- model-level API ------------------------------------------------------------------------
+def from_hf(path: PathLike, backend: Optional[str] = None, dtype=None, device="cpu"):
+    """GPT from a local Hugging Face GPT-2 folder (dtype None: the file's dtype), in eval mode."""
     ck = read_hf_folder(_hf_folder(path))
-    return build_model(ck.config, ck.state_dict, backend=backend, dtype=dtype)
+    return build_model(ck.config, ck.state_dict, backend=backend, dtype=dtype, device=device, source=str(ck.path))
 
 
 def save_hf(model, path: PathLike, dtype=None) -> Path:
@@ -75,38 +74,6 @@ def save_hf(model, path: PathLike, dtype=None) -> Path:
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
     return out
-
-
-def load_pretrained(name_or_path: str, backend: Optional[str] = None, dtype=None, cache_dir=None,
-                    trust_pickle: bool = False, **overrides: Any):
-    """GPT from a path (any format gptcore.formats reads) or a known name (gpt2, gpt2-medium,
-    gpt2-large, gpt2-xl, distilgpt2) or Hub id: local Hugging Face cache first, else download.
-
-    A path that exists wins over a name, so a local folder called "gpt2" is what loads.
-    overrides change config fields that keep the weights valid, e.g. drop_rate=0.0 for
-    fine-tuning, or a shorter context_length (the position table is cropped to it).
-    The model comes back in eval mode.
-    """
-    if Path(name_or_path).exists():
-        cfg, sd, _ = load_any(name_or_path, trust_pickle=trust_pickle)
-    elif name_or_path in KNOWN_MODELS or re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
-        folder = find_cached(name_or_path, cache_dir) or download(name_or_path, cache_dir)
-        ck = read_hf_folder(folder)
-        cfg, sd = ck.config, ck.state_dict
-    else:
-        raise ValueError(
-            f"{name_or_path!r} is neither an existing file/folder nor a known model name "
-            f"({', '.join(KNOWN_MODELS)}) or Hub id (owner/name)"
-        )
-    if overrides:
-        T = overrides.get("context_length", cfg.context_length)
-        if T > cfg.context_length:
-            raise ValueError(f"context_length={T} is longer than the {cfg.context_length} positions "
-                             f"{name_or_path} was trained with; it can only be shortened")
-        if T < cfg.context_length and "transformer.wpe.weight" in sd:
-            sd = {**sd, "transformer.wpe.weight": sd["transformer.wpe.weight"][:T]}
-        cfg = cfg.replace(**overrides)
-    return build_model(cfg, sd, backend=backend, dtype=dtype)
 
 
 # ---- reading a folder -----------------------------------------------------------------------
@@ -134,7 +101,7 @@ def read_hf_folder(folder: PathLike, trust_pickle: bool = False) -> Checkpoint:
     for key in ("_name_or_path", "transformers_version"):
         if key in hf_config:
             meta[key.lstrip("_")] = hf_config[key]
-    return Checkpoint(str(folder), "hf", f"Hugging Face GPT-2 folder (config.json + {weights.name})",
+    return Checkpoint(folder, "hf", f"Hugging Face GPT-2 folder (config.json + {weights.name})",
                       finish_state_dict(sd, config), config, meta, notes)
 
 
@@ -189,7 +156,7 @@ def _hf_folder(path: PathLike) -> Path:
     if not (p / "config.json").is_file():
         raise FormatError(
             f"{path} is not a Hugging Face GPT-2 folder (no config.json). For a name such as 'gpt2' "
-            f"use gptcore.hf.load_pretrained; for other checkpoints gptcore.formats.load_model"
+            f"use gptcore.io.load_pretrained; for other checkpoints gptcore.io.load_model"
         )
     return p
 
@@ -251,7 +218,7 @@ def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str
     if cfg.pos_emb != "learned":
         raise ValueError(
             f"save_hf: pos_emb={cfg.pos_emb!r} has no Hugging Face GPT-2 equivalent (GPT-2 learns a "
-            f"position table); save with gptcore.formats.save_gptcore instead"
+            f"position table); save with gptcore.io.save_gptcore instead"
         )
     gpt2_tokens = cfg.vocab_size > 50256  # the GPT-2 tokenizer's <|endoftext|> is id 50256
     return {
@@ -286,7 +253,7 @@ def config_to_hf(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> dict[str
 def state_dict_from_hf(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF GPT-2 names and Conv1D layout -> gptcore names and (out, in) Linear weights."""
     sd = {}
-    for k, v in strip_wrappers(raw).items():
+    for k, v in strip_prefixes(raw).items():
         if _HF_BUFFER.search(k):
             continue  # causal-mask buffers of older transformers versions
         if k != "lm_head.weight" and not k.startswith("transformer."):

@@ -1,12 +1,15 @@
-"""What a checkpoint is, and whether it fits a config: python -m gptcore.inspect PATH [options]
+"""What a checkpoint is, and whether it fits a config: python -m gptcore.inspect_ckpt PATH [options]
+(installed as the command ``gptcore-inspect`` too; the module is not called ``inspect`` so that it
+never stands in for the standard library's).
 
-    python -m gptcore.inspect out/ckpt.pt                         # nanoGPT: config, params, step, ...
-    python -m gptcore.inspect ~/models/gpt2 --config gpt2         # HF folder against the gpt2 preset
-    python -m gptcore.inspect model.pth --config cfg.json         # LLMs-from-scratch + its config
-    python -m gptcore.inspect out/run1 --vocab 50257 --json       # machine-readable
+    python -m gptcore.inspect_ckpt out/run1                            # a training run: its latest
+    python -m gptcore.inspect_ckpt ckpt.pt                             # nanoGPT: config, params, step, ...
+    python -m gptcore.inspect_ckpt ~/models/gpt2 --config gpt2         # HF folder against the gpt2 preset
+    python -m gptcore.inspect_ckpt model.pth --config cfg.json         # LLMs-from-scratch + its config
+    python -m gptcore.inspect_ckpt out/run1 --vocab 50257 --json       # machine-readable
 
-Reads every format gptcore.formats knows (gptcore, gptcore-pt, hf, nanogpt, llms-from-scratch,
-bare state_dict) and reports format, config, parameter count, dtype, vocab size, and the
+Reads every format gptcore.io.read_checkpoint knows (gptcore-train, gptcore, gptcore-pt, hf, nanogpt,
+llms-from-scratch, bare state_dict), the one reader every CLI loads through, and reports format, config, parameter count, dtype, vocab size, and the
 training step, tokens and tokenizer where the file records them. With --config and/or --vocab
 it lists what keeps the checkpoint from loading into that model: config fields that differ,
 missing and unexpected keys, shape mismatches, a vocabulary smaller than the tokenizer's.
@@ -23,13 +26,9 @@ import sys
 from collections import Counter
 from typing import Any, Optional
 
-from gptcore.checkpoint import CheckpointError
 from gptcore.cli import add_debug_flag, debug_enabled, describe_os_error, run_cli
 from gptcore.config import GPTConfig
-from gptcore.formats import (
-    FormatError, UntrustedPickleError, count_params, diff_state_dict, infer_config_fields,
-    read_checkpoint, resolve_config,
-)
+from gptcore.io import CheckpointError, count_params, diff_state_dict, infer_config_fields, read_checkpoint, resolve_config
 
 # Fields compared between a checkpoint's config and the target (drop_rate is a training knob).
 _COMPARED = tuple(f for f in GPTConfig.__dataclass_fields__ if f != "drop_rate")
@@ -53,7 +52,7 @@ def inspect_checkpoint(path: str, config: Any = None, vocab: Optional[int] = Non
             notes.append(f"config: the weights' shapes and --config's n_heads do not combine: {e}")
     dtypes = Counter(str(v.dtype).removeprefix("torch.") for v in sd.values() if v.is_floating_point())
     report: dict[str, Any] = {
-        "path": ck.path,
+        "path": str(ck.path),
         "format": ck.format,
         "description": ck.description,
         "config": src.to_dict() if src is not None else None,
@@ -65,7 +64,7 @@ def inspect_checkpoint(path: str, config: Any = None, vocab: Optional[int] = Non
         "step": ck.meta.get("step"),
         "tokens": ck.meta.get("tokens"),
         "tokenizer": ck.meta.get("tokenizer"),
-        "meta": {k: v for k, v in ck.meta.items() if k not in ("step", "tokens", "tokenizer")},
+        "meta": {k: v for k, v in ck.summary().items() if k not in ("step", "tokens", "tokenizer")},
         "notes": notes,
         "target": None,
         "fits": None,
@@ -168,11 +167,11 @@ def format_report(r: dict[str, Any], config_name: Optional[str] = None, max_keys
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_cli("gptcore.inspect", _main, argv)
+    return run_cli("gptcore.inspect_ckpt", _main, argv)
 
 
 def _main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gptcore.inspect", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m gptcore.inspect_ckpt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("path", help="checkpoint file or folder: gptcore folder or .safetensors+.json, Hugging "
                                  "Face GPT-2 folder, nanoGPT ckpt.pt, LLMs-from-scratch .pth, bare state_dict")
@@ -192,7 +191,7 @@ def _main(argv: list[str]) -> int:
         ap.error(f"--vocab must be positive, got {args.vocab}")
     try:
         report = inspect_checkpoint(args.path, args.config, args.vocab, args.trust_pickle)
-    except (FormatError, UntrustedPickleError, CheckpointError, OSError, ValueError, TypeError) as e:
+    except (CheckpointError, OSError, ValueError, TypeError) as e:
         if args.debug or debug_enabled(argv):
             raise
         if isinstance(e, OSError) and type(e).__module__ == "builtins" and not isinstance(e, FileNotFoundError):
@@ -200,7 +199,7 @@ def _main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps({"path": args.path, "error": str(e)}, indent=2))
         else:
-            print(f"gptcore.inspect: error: {e}", file=sys.stderr)
+            print(f"gptcore.inspect_ckpt: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report, args.config))
     return 1 if report["fits"] is False or report["consistent"] is False else 0

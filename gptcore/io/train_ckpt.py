@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, checked on load, read without unpickling code.
+"""gptcore's training checkpoint: written atomically, checked on load, read without unpickling code.
 
 A checkpoint is a directory, ``out_dir/ckpt-{step:07d}/`` or ``out_dir/best/``:
 
@@ -12,22 +12,17 @@ A checkpoint is a directory, ``out_dir/ckpt-{step:07d}/`` or ``out_dir/best/``:
 Each is written as a hidden temp directory beside its target (every file fsynced), renamed
 into place, and the parent directory fsynced; ``out_dir/latest`` (one line naming the newest
 ``ckpt-*``) is replaced the same way. A crash leaves the old checkpoint or the new one,
-never a mix.
-
-    from gptcore.checkpoint import load_model
-    model = load_model("out/ckpt-0000200")      # or "out": follows out/latest
+never a mix. ``gptcore.io.read_checkpoint`` reads these among every other format; the trainer's
+resume reads them here, with ``state.pt``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -36,142 +31,12 @@ import torch
 import torch.nn as nn
 
 from gptcore.config import GPTConfig
-from gptcore.model import GPT
-from gptcore.ops import default_backend
+from gptcore.io.common import FORMAT_VERSION, Checkpoint, CheckpointError
+from gptcore.io.durable import atomic_write_text, fsync_dir, fsync_file, replace_dir, sha256, umask
+from gptcore.io.weights import finish_state_dict, model_state_dict
 
-FORMAT_VERSION = 1
 MODEL_FILE, STATE_FILE, META_FILE, LATEST_FILE = "model.safetensors", "state.pt", "meta.json", "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d{7,})$")
-_STRIP_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's OptimizedModule, DDP's wrapper
-
-
-class CheckpointError(RuntimeError):
-    """A missing, corrupt, truncated or incompatible checkpoint; the message says which and why."""
-
-
-# ---- durable file operations ------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX; Windows cannot open a directory)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path``: temp file in the same directory, fsync, os.replace, fsync dir."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move the finished directory ``tmp`` to ``final``, replacing an existing one."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
-    """Delete temp directories/files left by a save that crashed; returns what was removed."""
-    removed = []
-    for p in Path(out_dir).glob(".*"):
-        if re.match(r"^\.(ckpt-\d+|best)\.(tmp-|old-)", p.name) or re.match(r"^\.latest\..*\.tmp$", p.name):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-# ---- weights ----------------------------------------------------------------------------------
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-def strip_prefixes(state: dict) -> dict:
-    """Keys without torch.compile's ``_orig_mod.`` or DDP's ``module.`` prefixes."""
-    out = {}
-    for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _STRIP_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
-
-
-def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights to save: no wrapper prefixes, a tied LM head once (as transformer.wte.weight)."""
-    state = strip_prefixes(unwrap(model).state_dict())
-    cfg = getattr(unwrap(model), "config", None)
-    if cfg is not None and cfg.tie_weights:
-        state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def load_weights(model: GPT, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy ``weights`` into ``model``; any missing, unexpected or mis-shaped tensor is an error."""
-    weights = strip_prefixes(weights)
-    expected = model_state_dict(model)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = [f"{k}: {tuple(weights[k].shape)} in {source}, {tuple(v.shape)} in the model"
-              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing tensors {missing}")
-        if unexpected:
-            parts.append(f"unexpected tensors {unexpected}")
-        if shapes:
-            parts.append("shape mismatches: " + "; ".join(shapes))
-        raise CheckpointError(f"{source} does not fit the model config: " + "; ".join(parts))
-    unwrap(model).load_state_dict(weights, strict=False)  # strict=False: the tied lm_head is not stored
 
 
 # ---- RNG state as tensors and plain lists (torch.load(weights_only=True) can read it) -----------------
@@ -213,7 +78,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: Optional[d
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
         weights = {k: v.cpu() for k, v in model_state_dict(model).items()}
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt", "gptcore_format": str(FORMAT_VERSION)})
         names = [MODEL_FILE]
@@ -222,16 +87,16 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, state: Optional[d
             names.append(STATE_FILE)
         files = {}
         for name in names:
-            os.chmod(tmp / name, 0o666 & ~_umask())
-            _fsync_file(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            os.chmod(tmp / name, 0o666 & ~umask())
+            fsync_file(tmp / name)
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256(tmp / name)}
         meta = {**meta, "format_version": FORMAT_VERSION, "files": files}
         with open(tmp / META_FILE, "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -308,22 +173,8 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, only=None) -> 
     return doomed
 
 
+
 # ---- load -------------------------------------------------------------------------------------------
-@dataclass
-class Checkpoint:
-    path: Path
-    meta: dict
-    weights: dict          # name -> tensor
-    state: Optional[dict]  # None when loaded with load_state=False or saved weights-only
-
-    @property
-    def model_config(self) -> GPTConfig:
-        try:
-            return GPTConfig.from_dict(self.meta["model_config"])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.path / META_FILE}: invalid model_config ({e})") from None
-
-
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a run directory (follows its ``latest``)."""
     p = Path(path).expanduser()
@@ -332,7 +183,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     except OSError as e:  # a symlink loop, a name too long
         raise CheckpointError(f"checkpoint {p} cannot be opened ({e.strerror or e})") from None
     if not exists:
-        raise CheckpointError(f"checkpoint {p} does not exist")
+        raise CheckpointError(f"checkpoint {p} does not exist (no such file or folder)")
     if p.is_file() and p.name in (META_FILE, MODEL_FILE, STATE_FILE):
         p = p.parent
     if (p / META_FILE).is_file() or (p / MODEL_FILE).is_file():
@@ -410,7 +261,7 @@ def _verify_file(ckpt: Path, name: str, info: dict) -> None:
             f"{f} is {size} bytes but meta.json records {info['bytes']}: the file is truncated or was "
             f"replaced; use another checkpoint (e.g. an older ckpt-* or best/)"
         )
-    if _sha256(f) != info["sha256"]:
+    if sha256(f) != info["sha256"]:
         raise CheckpointError(
             f"{f} does not match the SHA-256 in meta.json: the file is corrupt; use another "
             f"checkpoint (e.g. an older ckpt-* or best/)"
@@ -446,26 +297,21 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", load_state: boo
                 f"cannot read {ckpt / STATE_FILE} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 + ("it holds objects beyond tensors and plain containers, which a weights-only load refuses: a "
                    "gptcore state file never does, so this one is foreign or tampered with. The trainer does not "
-                   "unpickle code; to read such a file's weights use python -m gptcore.inspect PATH --trust-pickle "
+                   "unpickle code; to read such a file's weights use python -m gptcore.inspect_ckpt PATH --trust-pickle "
                    "(only for files you trust)" if refused else "it is corrupt or not a gptcore state file")
             ) from None
-    return Checkpoint(ckpt, meta, weights, state)
-
-
-def backend_for(device) -> str:
-    """The default backend for models on ``device``: the fastest that runs there."""
-    return default_backend() if torch.device(device).type == "cuda" else "torch"
-
-
-def load_model(path: str | os.PathLike, device="cpu", backend: Optional[str] = None,
-               verify: bool = True) -> GPT:
-    """The GPT stored at ``path`` (a checkpoint dir or a run dir), in eval mode, on ``device``
-    (backend: default the fastest that runs on ``device``)."""
-    ck = load_checkpoint(path, map_location="cpu", load_state=False, verify=verify)
     try:
-        cfg = ck.model_config
+        config = GPTConfig.from_dict(meta["model_config"])
     except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{ck.path / META_FILE}: invalid model_config ({e})") from None
-    model = GPT(cfg, backend=backend or backend_for(device))
-    load_weights(model, ck.weights, source=str(ck.path))
-    return model.to(device).eval()
+        raise CheckpointError(f"{ckpt / META_FILE}: invalid model_config ({e}); the file was edited or is "
+                              f"corrupt: restore it or use another checkpoint") from None
+    desc = "gptcore training checkpoint (model.safetensors + meta.json + state.pt)"
+    return Checkpoint(ckpt, "gptcore-train", desc, finish_state_dict(weights, config), config, meta, state=state)
+
+
+def is_training_checkpoint(p: Path) -> bool:
+    """Whether ``p`` is (a file of) a training checkpoint or a run directory holding them."""
+    if p.is_file():
+        return p.name in (META_FILE, STATE_FILE) or (p.name == MODEL_FILE and (p.parent / META_FILE).is_file())
+    return p.is_dir() and ((p / META_FILE).is_file() or (p / STATE_FILE).is_file() or (p / LATEST_FILE).is_file()
+                           or bool(list_checkpoints(p)))
