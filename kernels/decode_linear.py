@@ -197,21 +197,21 @@ def _skinny_kernel(X, LnW, LnB, W, Bias, Res, Out, Ws, Cnt, Q, KC, VC, Lens, Tab
         if EPI == 4:
             # the grid's last program picks each row's token from the per-tile maxima
             if _arrive(Cnt + n_tiles, n_tiles):
-                for m in range(0, M):
-                    best = tl.full([], float("-inf"), tl.float32)
-                    pick = tl.full([], 2147483647, tl.int32)
-                    for t0 in range(0, n_tiles, BLOCK_T):
-                        ts = t0 + tl.arange(0, BLOCK_T)
-                        t_ok = ts < n_tiles
-                        v = tl.load(PVal + m * n_tiles + ts, mask=t_ok, other=float("-inf"), cache_modifier=".cg")
-                        i = tl.load(PIdx + m * n_tiles + ts, mask=t_ok, other=2147483647, cache_modifier=".cg")
-                        vb = tl.max(v, axis=0)
-                        ib = tl.min(tl.where(v == vb, i, 2147483647), axis=0)
-                        # tiles come in column order: a later chunk wins only if strictly larger
-                        take = vb > best
-                        pick = tl.where(take, ib, pick)
-                        best = tl.where(take, vb, best)
-                    tl.store(Tok + m, tl.where(pick == 2147483647, 0, pick).to(tl.int64))
+                best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+                pick = tl.full((BLOCK_M,), 2147483647, tl.int32)
+                for t0 in range(0, n_tiles, BLOCK_T):
+                    ts = t0 + tl.arange(0, BLOCK_T)
+                    ok = row_ok[:, None] & (ts < n_tiles)[None, :]
+                    offs = rows[:, None] * n_tiles + ts[None, :]
+                    v = tl.load(PVal + offs, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    i = tl.load(PIdx + offs, mask=ok, other=2147483647, cache_modifier=".cg")
+                    vb = tl.max(v, axis=1)
+                    ib = tl.min(tl.where(v == vb[:, None], i, 2147483647), axis=1)
+                    # chunks come in column order: a later chunk wins only with a strictly larger value
+                    take = vb > best
+                    pick = tl.where(take, ib, pick)
+                    best = tl.where(take, vb, best)
+                tl.store(Tok + rows, tl.where(pick == 2147483647, 0, pick).to(tl.int64), mask=row_ok)
 
 
 @planned
@@ -263,6 +263,8 @@ def plan(M: int, N: int, K: int, device: torch.device, block_n: int | None = Non
     block_k = min(128, max(16, next_pow2(K)))
     cuda = device.type == "cuda"
     target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if cuda else 4
+    if block_n is None and not cuda:
+        block_n = 64  # the interpreter: fewest programs
     if block_n is None:
         block_n = 64 if N >= 64 * 4 * target else (32 if N >= 32 * target else 16)
         if block_m == 64 and block_n == 64:
@@ -350,7 +352,7 @@ def _launch(x, w, bias, out, *, epi, ws: Workspace | None, ln=None, res=None, qk
         skb, skh, skt, skd, sbt, C, HD, capacity, num_blocks, p.n_tiles,
         K_SPLIT=p.k_split, SPLIT_K=p.split_k, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         PRO_LN=ln is not None, HAS_BIAS=bias is not None, EPI=epi, STORE_OUT=store_out,
-        IEEE=w.dtype == torch.float32, PAGE=page, PAGED=paged, BLOCK_T=256,
+        IEEE=w.dtype == torch.float32, PAGE=page, PAGED=paged, BLOCK_T=max(16, 4096 // p.block_m),
         num_warps=p.num_warps, num_stages=p.num_stages,
     )
 
