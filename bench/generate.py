@@ -1,18 +1,25 @@
-"""Generation benchmark: gptcore's KV cache, decode attention and CUDA-graph decode beside the
+"""Generation benchmark: gptcore's KV cache, fused decode step and CUDA-graph decode beside the
 references, in one run.
 
-    python -m bench.generate            # H100: GPT-2 124M (random init), bf16, 16-token prompts,
-                                        # 256 new tokens, greedy, batch 1 and 32
-    python -m bench.generate --quick    # fewer tokens and rows (a smoke run; on a CPU: tiny preset)
+    python -m bench.generate            # H200: gpt2, gpt2-medium, gpt2-xl (random init), bf16, 16-token
+                                        # prompts, 128 new greedy tokens (64 for gpt2-xl), batch 1, 8, 32
+    python -m bench.generate --quick    # fewer tokens and calls (a smoke run; on a CPU: tiny preset)
+    python -m bench.generate --sections generate --presets gpt2 --batches 1 32 --reference-rows
 
 Sections (one JSON file via bench.harness.write_json("generate", rows)):
-  generate  new tokens/s and ms/token for: no cache (reference and torch backends; every step
-            recomputes the sequence), gptcore cache eager, cache + CUDA graph (static and paged;
-            triton and torch backends), and Hugging Face transformers GPT2LMHeadModel.generate
-            (random GPT2Config, use_cache=True) when transformers is installed. frac_weight_bw =
-            (model bytes / time per decode step) / measured copy bandwidth: the share of the
-            bound every decode step pays to read the weights once. kv_B_per_token: KV bytes per
-            token (~36 KB for GPT-2 124M in bf16).
+  generate  the decode matrix, one model per preset reused by its rows: for each batch, static and
+            paged cache, the Generator's decode (triton backend: the fused step of
+            gptcore.decode_step inside the CUDA graph) with ms_per_step (decode steps only),
+            new_tok_s (whole generate() calls, prefill included), frac_weight_bound (weight bytes
+            / ms_per_step / copy bandwidth measured in this run) and kernels_per_step (device
+            activities of one graph replay, torch.profiler); beside it, for the first preset at
+            the smallest and largest batch, the gpt-fast-style reference (static KV cache, SDPA
+            with a mask, one-token step under torch.compile(mode="reduce-overhead",
+            fullgraph=True)) and today's unfused step (name "cache + graph, unfused");
+            then the prefill of a 512-token prompt at batch 1 per preset. A time budget (default
+            270 s) bounds the section: rows past it are listed as skipped. --reference-rows adds
+            the older slow rows (no cache on the reference and torch backends, eager cache, the
+            torch backend with a graph, HF transformers generate).
   mixed     a batch of prompts of mixed lengths: tokens/s and the share of KV-cache bytes in use
             that hold no token (padding / reserved room), static vs paged.
   append    KV append GB/s (bytes read + written) for large appends: gptcore kv_append_kv and
@@ -339,7 +346,7 @@ def _gptfast_row(model, preset, B, prompt_len, new_tokens, calls) -> dict:
                 step(tok, pos)
 
         one()
-        kernels = _count_kernels(one)
+        kernels = _count_kernels(one) or None
     return _decode_row("gpt-fast-style", "torch.compile", preset, B, "static", total, timing["step_ms"], new_tokens,
                        _weight_bytes(model), kernels, stats)
 

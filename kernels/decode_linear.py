@@ -266,9 +266,9 @@ def plan(M: int, N: int, K: int, device: torch.device, block_n: int | None = Non
     if block_n is None and not cuda:
         block_n = 64  # the interpreter: fewest programs
     if block_n is None:
-        block_n = 64 if N >= 64 * 4 * target else (32 if N >= 32 * target else 16)
-        if block_m == 64 and block_n == 64:
-            block_n = 32  # keep the accumulator and the tiles in registers
+        # every program reads all M rows of its K range: a column tile about as wide as the row block
+        # keeps those (L2) activation reads near the weight bytes; split-K restores the program count
+        block_n = 64 if N >= 64 * target else max(32 if N >= 32 * target else 16, min(64, block_m))
     n_tiles = cdiv(N, block_n)
     k_chunks = cdiv(K, block_k)
     if split_k is None:
@@ -276,7 +276,7 @@ def plan(M: int, N: int, K: int, device: torch.device, block_n: int | None = Non
     split_k = max(1, min(int(split_k), k_chunks))
     k_split = cdiv(k_chunks, split_k) * block_k
     split_k = cdiv(K, k_split)
-    return Plan(block_m, block_n, block_k, split_k, k_split, n_tiles, 4, 3)
+    return Plan(block_m, block_n, block_k, split_k, k_split, n_tiles, 8 if block_m * block_n >= 4096 else 4, 3)
 
 
 class Workspace:

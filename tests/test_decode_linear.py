@@ -157,6 +157,22 @@ def test_ln_qkv_append_matches_twin(M, paged, dtype, poisoned):
     assert_error_within(vc, vc2, vo2, atol=fl, name="v cache")
 
 
+def test_ln_qkv_append_without_bias(poisoned):
+    """qkv_bias=False models (small-384, small-480): no bias pointer."""
+    C, H, T = 48, 3, 9
+    x, w, _b, g, beta, lengths, table, kc, vc = _qkv_case(3, C, H, T, torch.float32, False)
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = dl.ln_qkv_append(x, g, beta, 1e-5, w, None, kc, vc, lengths, H)
+    q_twin = dl.ln_qkv_append_ref(x, g, beta, 1e-5, w, None, kc2, vc2, lengths, H)
+    d = torch.float64
+    ko, vo = kc2.to(d).clone(), vc2.to(d).clone()
+    q_o = dl.ln_qkv_append_ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), None, ko, vo, lengths, H)
+    fl = _floor(q_o, torch.float32, C)
+    assert_error_within(q, q_twin, q_o, atol=fl, name="q")
+    assert_error_within(kc, kc2, ko, atol=fl, name="k cache")
+    assert_error_within(vc, vc2, vo, atol=fl, name="v cache")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", BATCHES)
 @pytest.mark.parametrize("C,H", [(768, 12), (1600, 25)])
