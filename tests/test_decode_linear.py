@@ -17,7 +17,7 @@ DEV = "cuda" if ON_GPU else "cpu"
 BATCHES = [1, 3, 17, 64]
 # (K, N): emb-64-like and odd shapes on the CPU; the model's shapes on the GPU
 SHAPES = [(64, 48), (80, 200)]
-GPU_SHAPES = [(768, 2304), (768, 768), (3072, 768), (1600, 6400), (6400, 1600)]
+GPU_SHAPES = [(768, 2304), (3072, 768), (1600, 6400)]
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.bfloat16]
 VARIANTS = ["linear", "residual", "ln", "ln_gelu"]
@@ -89,7 +89,7 @@ def test_split_k_matches_twin_and_is_deterministic(variant, split_k, block_n, po
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", BATCHES)
 @pytest.mark.parametrize("K,N", GPU_SHAPES)
-@pytest.mark.parametrize("dtype", GPU_DTYPES + DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", GPU_DTYPES + [torch.float32], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_linear_variants_full_size(variant, M, K, N, dtype, poisoned):
     _check_variant(variant, M, K, N, dtype)

@@ -171,3 +171,25 @@ def test_gpu_fused_bf16_logits_within_rule(preset, B):
     with co.external_reservation():
         oracle = oracle_model(inp, kv_cache=co)[:, -1]
     assert_error_within(fused, ref, oracle, atol=1e-2, name=f"{preset} bf16 logits")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+@torch.no_grad()
+def test_gpu_fused_step_launch_count(paged):
+    """At most 5 launches per layer + 3 per step (issue 17), counted with the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _gpt2("gpt2", torch.bfloat16)
+    cache_cls = PagedKVCache if paged else KVCache
+    cache, tok = _prefilled(model, cache_cls, [[1, 2, 3], [4, 5, 6, 7]])
+    step = FusedDecodeStep(model, cache)
+    inp = tok[:, None].clone()
+    for _ in range(2):  # the first call compiles
+        cache.reserve(1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, cache.external_reservation():
+            step.greedy(inp, out=inp.view(-1))
+            torch.cuda.synchronize()
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    assert 0 < n <= 5 * model.config.n_layers + 3, n
