@@ -66,7 +66,7 @@ def _parse(argv):
                     help="train: comma-separated subset of torch,triton (graph-captured, the trainer's "
                          "default),triton-nograph,torch+compile,triton+compile,torch+fusedCE,reference and, "
                          "only when named, torch+compile-cg,triton+compile-cg")
-    ap.add_argument("--time-budget", type=float, default=None, help="train: seconds for the whole area (default 240)")
+    ap.add_argument("--time-budget", type=float, default=None, help="train / generate: seconds for the area (train default 240; generate: its decode matrix, default 270)")
     ap.add_argument("--no-context-search", action="store_true", help="train: skip the longest-context search")
     ap.add_argument("--no-plots", action="store_true", help="write no PNG files")
     return ap.parse_args(argv)

@@ -1,18 +1,25 @@
-"""Generation benchmark: gptcore's KV cache, decode attention and CUDA-graph decode beside the
+"""Generation benchmark: gptcore's KV cache, fused decode step and CUDA-graph decode beside the
 references, in one run.
 
-    python -m bench.generate            # H100: GPT-2 124M (random init), bf16, 16-token prompts,
-                                        # 256 new tokens, greedy, batch 1 and 32
-    python -m bench.generate --quick    # fewer tokens and rows (a smoke run; on a CPU: tiny preset)
+    python -m bench.generate            # H200: gpt2, gpt2-medium, gpt2-xl (random init), bf16, 16-token
+                                        # prompts, 128 new greedy tokens (64 for gpt2-xl), batch 1, 8, 32
+    python -m bench.generate --quick    # fewer tokens and calls (a smoke run; on a CPU: tiny preset)
+    python -m bench.generate --sections generate --presets gpt2 --batches 1 32 --reference-rows
 
 Sections (one JSON file via bench.harness.write_json("generate", rows)):
-  generate  new tokens/s and ms/token for: no cache (reference and torch backends; every step
-            recomputes the sequence), gptcore cache eager, cache + CUDA graph (static and paged;
-            triton and torch backends), and Hugging Face transformers GPT2LMHeadModel.generate
-            (random GPT2Config, use_cache=True) when transformers is installed. frac_weight_bw =
-            (model bytes / time per decode step) / measured copy bandwidth: the share of the
-            bound every decode step pays to read the weights once. kv_B_per_token: KV bytes per
-            token (~36 KB for GPT-2 124M in bf16).
+  generate  the decode matrix, one model per preset reused by its rows: for each batch, static and
+            paged cache, the Generator's decode (triton backend: the fused step of
+            gptcore.decode_step inside the CUDA graph) with ms_per_step (decode steps only),
+            new_tok_s (whole generate() calls, prefill included), frac_weight_bound (weight bytes
+            / ms_per_step / copy bandwidth measured in this run) and kernels_per_step (device
+            activities of one graph replay, torch.profiler); beside it, for the first preset at
+            the smallest and largest batch, the gpt-fast-style reference (static KV cache, SDPA
+            with a mask, one-token step under torch.compile(mode="reduce-overhead",
+            fullgraph=True)) and today's unfused step (name "cache + graph, unfused");
+            then the prefill of a 512-token prompt at batch 1 per preset. A time budget (default
+            270 s) bounds the section: rows past it are listed as skipped. --reference-rows adds
+            the older slow rows (no cache on the reference and torch backends, eager cache, the
+            torch backend with a graph, HF transformers generate).
   mixed     a batch of prompts of mixed lengths: tokens/s and the share of KV-cache bytes in use
             that hold no token (padding / reserved room), static vs paged.
   append    KV append GB/s (bytes read + written) for large appends: gptcore kv_append_kv and
@@ -27,6 +34,7 @@ import argparse
 import importlib.util
 import os
 import random
+import time
 import traceback
 
 import torch
@@ -137,46 +145,282 @@ def _gptcore_rows(cfg, dtype, name, backend, B, prompts, new_tokens, gen_kw, cal
     return [_gen_row(name, backend, B, t, new_tokens, weight_bytes, gen.stats)]
 
 
-def bench_generation(cfg, dtype, batches, prompt_len, new_tokens, quick) -> list[dict]:
+def _reference_rows(cfg, dtype, B, prompts, new_tokens, quick) -> list[dict]:
+    """Today's other paths for one batch: no cache, eager cache, torch backend, HF (gpt2 only)."""
     rows = []
     backends = ["triton", "torch"] if ON_GPU else ["torch"]
-    for B in batches:
-        prompts = [[random.Random(b).randrange(cfg.vocab_size) for _ in range(prompt_len)] for b in range(B)]
-        configs = [  # (name, backend, Generator kwargs, generate kwargs, slow)
-            ("no cache", "reference", {}, {"use_cache": False}, True),
-            ("no cache", "torch", {}, {"use_cache": False}, True),
-            ("cache, eager", backends[0], {"cuda_graph": False}, {}, True),
-            ("cache + graph", backends[0], {}, {}, False),
-            ("paged + graph", backends[0], {"paged": True}, {}, False),
-        ]
-        if ON_GPU:
-            configs.append(("cache + graph", "torch", {}, {}, False))
-        if quick:
-            configs = [c for c in configs if c[1] != "reference"]
-        for name, backend, gen_kw, call_kw, slow in configs:
-            print(f"generate: {name} ({backend}, batch {B}) ...", flush=True)
-            _attempt(rows, "generate", f"{name} ({backend}, batch {B})", lambda: _gptcore_rows(
-                cfg, dtype, name, backend, B, prompts, new_tokens, gen_kw, call_kw, slow))
-        if importlib.util.find_spec("transformers") is None:
-            print("transformers is not installed: no HF row")
-            continue
+    configs = [  # (name, backend, Generator kwargs, generate kwargs, slow)
+        ("no cache", "reference", {}, {"use_cache": False}, True),
+        ("no cache", "torch", {}, {"use_cache": False}, True),
+        ("cache, eager", backends[0], {"cuda_graph": False}, {}, True),
+    ]
+    if ON_GPU:
+        configs.append(("cache + graph", "torch", {}, {}, False))
+    if quick:
+        configs = [c for c in configs if c[1] != "reference"]
+    for name, backend, gen_kw, call_kw, slow in configs:
+        print(f"generate: {name} ({backend}, batch {B}) ...", flush=True)
+        _attempt(rows, "generate", f"{name} ({backend}, batch {B})", lambda: _gptcore_rows(
+            cfg, dtype, name, backend, B, prompts, new_tokens, gen_kw, call_kw, slow))
+    if importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: no HF row")
+    else:
         _attempt(rows, "generate", f"HF transformers generate (batch {B})",
-                 lambda: _hf_rows(cfg, dtype, B, prompt_len, new_tokens))
+                 lambda: _hf_rows(cfg, dtype, B, len(prompts[0]), new_tokens))
     return rows
 
 
-def _gen_row(name, backend, B, t, new_tokens, weight_bytes, stats):
-    ms = t["median"]
-    ms_step = ms / new_tokens
+def bench_generation(cfg, dtype, batches, prompt_len, new_tokens, quick) -> list[dict]:
+    """The older rows of one preset (kept for continuity; bench_decode adds the preset matrix)."""
+    rows = []
+    for B in batches:
+        prompts = [[random.Random(b).randrange(cfg.vocab_size) for _ in range(prompt_len)] for b in range(B)]
+        rows += _reference_rows(cfg, dtype, B, prompts, new_tokens, quick)
+    return rows
+
+
+# ---- the decode matrix: presets x batches x static/paged, fused vs gpt-fast-style -------------------
+def _weight_bytes(model) -> int:
+    """Bytes a decode step must read: every parameter once (a tied LM head counts once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _bound_frac(weight_bytes: int, ms_step) -> float | None:
+    """(weight bytes / step time) / measured copy bandwidth: the weight-read bound's share reached."""
+    copy = ceilings()["copy_GBps"]
+    if not copy or not ms_step:
+        return None
+    return weight_bytes / (ms_step * 1e-3) / (copy * 1e9)
+
+
+def _count_kernels(fn) -> int | None:
+    """Device activities (kernels, memcpy, memset) of one fn() call under torch.profiler (CUDA)."""
+    if not ON_GPU:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def _median_calls(fn, calls: int) -> float:
+    """Median ms of `calls` calls of fn after one warm-up (a whole generate() is many ms: a few calls
+    measure it; do_bench's hundreds would blow the time budget)."""
+    fn()
+    times = []
+    for _ in range(calls):
+        if ON_GPU:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if ON_GPU:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _decode_row(name, backend, preset, B, cache, total_ms, ms_step, new_tokens, weight_bytes, kernels,
+                stats) -> dict:
     return {
-        "section": "generate", "name": name, "backend": backend, "batch": B, "new_tokens": new_tokens,
-        "ms": ms, "p20_ms": t["p20"], "p80_ms": t["p80"],
-        "new_tok_s": B * new_tokens / (ms * 1e-3), "ms_per_token": ms_step,
-        "frac_weight_bw": _frac(_gbps(weight_bytes, ms_step)),
-        "kv_B_per_token": stats.get("kv_bytes_per_token"), "decode_mode": stats.get("decode_mode", "HF eager"),
-        # the last timed call's split: prefill (prompt forward + first token) and each decode step
+        "section": "generate", "name": name, "backend": backend, "preset": preset, "batch": B, "cache": cache,
+        "new_tokens": new_tokens, "ms": total_ms, "new_tok_s": B * new_tokens / (total_ms * 1e-3),
+        "ms_per_token": total_ms / new_tokens, "ms_per_step": ms_step,
+        "decode_tok_s": B / (ms_step * 1e-3) if ms_step else None,
+        "frac_weight_bound": _bound_frac(weight_bytes, ms_step),
+        "frac_weight_bw": _frac(_gbps(weight_bytes, total_ms / new_tokens)), "kernels_per_step": kernels,
+        "weight_MB": weight_bytes / 1e6, "kv_B_per_token": stats.get("kv_bytes_per_token"),
+        "decode_mode": stats.get("decode_mode"), "decode_step": stats.get("decode_step"),
         "prefill_ms": stats.get("prefill_ms"), "decode_ms_per_step": stats.get("decode_ms_per_step"),
     }
+
+
+def _generator_row(model, preset, B, prompts, new_tokens, paged, calls, name=None) -> dict:
+    """gptcore's Generator (whatever decode step it picks: fused where it can) at one shape."""
+    gen = Generator(model, paged=paged)
+    run_once = lambda: gen.generate(prompts, new_tokens, temperature=0)  # noqa: E731
+    total = _median_calls(run_once, calls)
+    stats = dict(gen.stats)
+    kernels = None
+    graphs = [g for g in gen._graphs.values() if g.graph is not None]
+    if graphs:  # one replay of the captured decode step (it writes one more slot of the idle cache)
+        g, cache = graphs[0], gen.cache
+        cache.reserve(1)
+        kernels = _count_kernels(g.graph.replay) or None
+        if kernels is None:  # the profiler saw no kernels inside the graph: count one eager step instead
+            cache.reserve(1)
+
+            def eager_step():
+                with torch.no_grad(), cache.external_reservation():
+                    if g.fused is not None:
+                        g.fused.greedy(g.tok, out=g.tok.view(-1))
+                    else:
+                        model.ops.token_pick(model(g.tok, kv_cache=cache)[:, -1])
+
+            kernels = _count_kernels(eager_step)
+    ms_step = stats["decode_ms_per_step"]
+    default = ("paged + graph" if paged else "cache + graph") if stats["decode_mode"] == "cuda-graph" else \
+        ("paged, eager" if paged else "cache, eager")
+    return _decode_row(name or default, model.backend, preset, B, "paged" if paged else "static", total, ms_step,
+                       new_tokens, _weight_bytes(model), kernels, stats)
+
+
+class _GptFastDecoder(torch.nn.Module):
+    """What a PyTorch user would write instead (gpt-fast's recipe): a static KV cache written at
+    input_pos by index_put, SDPA with a boolean mask over the whole cache, plain torch ops, and the
+    one-token step compiled with torch.compile(mode="reduce-overhead", fullgraph=True). Uses the
+    gptcore model's parameters (no copy)."""
+
+    def __init__(self, model, batch: int, max_len: int):
+        super().__init__()
+        cfg = model.config
+        self.m, self.H, self.D = model, cfg.n_heads, cfg.head_dim
+        p = model.lm_head.weight
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, device=p.device, dtype=p.dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, device=p.device, dtype=p.dtype), persistent=False)
+        self.register_buffer("positions", torch.arange(max_len, device=p.device), persistent=False)
+
+    def forward(self, tok, input_pos):
+        """tok (B, T) at positions input_pos (T,) -> next greedy token (B,)."""
+        import torch.nn.functional as F
+
+        t = self.m.transformer
+        B, T = tok.shape
+        x = t.wte(tok) + t.wpe(input_pos)
+        mask = (self.positions[None, :] <= input_pos[:, None])[None, None]       # (1, 1, T, max_len)
+        for i, blk in enumerate(t.h):
+            h = F.layer_norm(x, (x.shape[-1],), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+            q, k, v = blk.attn.c_attn(h).view(B, T, 3, self.H, self.D).permute(2, 0, 3, 1, 4)
+            self.k_cache[i][:, :, input_pos] = k
+            self.v_cache[i][:, :, input_pos] = v
+            y = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask)
+            x = x + blk.attn.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+            h = F.layer_norm(x, (x.shape[-1],), blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps)
+            x = x + blk.mlp.c_proj(F.gelu(blk.mlp.c_fc(h), approximate="tanh"))
+        x = F.layer_norm(x[:, -1], (x.shape[-1],), t.ln_f.weight, t.ln_f.bias, t.ln_f.eps)
+        return self.m.lm_head(x).argmax(dim=-1)
+
+
+def _gptfast_row(model, preset, B, prompt_len, new_tokens, calls) -> dict:
+    cfg = model.config
+    dec = _GptFastDecoder(model, B, prompt_len + new_tokens)
+    step = torch.compile(dec, mode="reduce-overhead", fullgraph=True) if ON_GPU else dec
+    ids = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=DEV)
+    timing = {}
+
+    @torch.no_grad()
+    def run():
+        t0 = time.perf_counter()
+        tok = dec(ids, torch.arange(prompt_len, device=DEV))[:, None]              # eager prefill
+        if ON_GPU:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        out = [tok]
+        for i in range(prompt_len, prompt_len + new_tokens - 1):
+            if ON_GPU:
+                torch.compiler.cudagraph_mark_step_begin()
+            tok = step(tok, torch.tensor([i], device=DEV))[:, None].clone()
+            out.append(tok)
+        if ON_GPU:
+            torch.cuda.synchronize()
+        timing["prefill_ms"], timing["step_ms"] = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3 / max(1, new_tokens - 1)
+        return out
+
+    run()  # compiles (the slow part) and records the graphs
+    total = _median_calls(run, calls)
+    stats = {"decode_mode": "torch.compile reduce-overhead (CUDA graphs)" if ON_GPU else "eager (CPU smoke)",
+             "decode_step": "gpt-fast-style", "prefill_ms": timing["prefill_ms"],
+             "decode_ms_per_step": timing["step_ms"]}
+    kernels = None
+    if ON_GPU:
+        tok = torch.zeros(B, 1, dtype=torch.long, device=DEV)
+        pos = torch.tensor([prompt_len], device=DEV)
+
+        def one():
+            torch.compiler.cudagraph_mark_step_begin()
+            with torch.no_grad():
+                step(tok, pos)
+
+        one()
+        kernels = _count_kernels(one) or None
+    return _decode_row("gpt-fast-style", "torch.compile", preset, B, "static", total, timing["step_ms"], new_tokens,
+                       _weight_bytes(model), kernels, stats)
+
+
+def _prefill_row(model, preset, T, calls) -> dict:
+    """Prefill of one T-token prompt (batch 1): the Generator's prefill (graph-replayed after the first
+    call of the shape) plus the first token."""
+    gen = Generator(model)
+    prompt = [[random.Random(7).randrange(model.config.vocab_size) for _ in range(T)]]
+    times = []
+    gen.generate(prompt, 1, temperature=0)
+    for _ in range(calls):
+        gen.generate(prompt, 1, temperature=0)
+        times.append(gen.stats["prefill_ms"])
+    times.sort()
+    return {"section": "generate", "name": f"prefill {T}", "backend": model.backend, "preset": preset, "batch": 1,
+            "prompt_len": T, "prefill_ms": times[len(times) // 2], "prefill_tok_s": T / (times[len(times) // 2] * 1e-3),
+            "prefill_mode": gen.stats["prefill_mode"]}
+
+
+def bench_decode(presets, batches, dtype, prompt_len, new_tokens, quick, budget_s: float) -> list[dict]:
+    """The decode matrix in one run: for each preset (one model, reused by every row), batch and cache
+    layout, the Generator's decode (fused on the triton backend) with ms/step, tokens/s, fraction of the
+    weight-read bound and kernels per step; the gpt-fast-style compiled decode beside it (gpt2 only:
+    each batch size is a fresh compile), today's unfused step (GPTCORE_FUSED_DECODE=0) for gpt2, and the
+    prefill of a 512-token prompt. Rows past the time budget are listed as skipped."""
+    rows = []
+    t_start = time.perf_counter()
+
+    def over(what: str) -> bool:
+        if time.perf_counter() - t_start > budget_s:
+            rows.append({"section": "generate", "name": what, "skipped": f"time budget {budget_s:.0f} s"})
+            print(f"generate: skipped {what} (time budget)", flush=True)
+            return True
+        return False
+
+    calls = 1 if quick else 3
+    for preset in presets:
+        if not ON_GPU:
+            preset = "tiny"  # a CPU smoke run; GPTCORE_FUSED_DECODE=1 runs the fused step in the interpreter
+        cfg = GPTConfig.from_preset(preset)
+        backend = "triton" if ON_GPU or os.environ.get("GPTCORE_FUSED_DECODE") == "1" else "torch"
+        with torch.device(DEV):
+            torch.manual_seed(0)
+            model = GPT(cfg, backend=backend)
+        model = model.to(DEV, dtype).eval()
+        toks = new_tokens if preset != "gpt2-xl" else max(8, new_tokens // 2)
+        for B in batches:
+            prompts = [[random.Random(b).randrange(cfg.vocab_size) for _ in range(prompt_len)] for b in range(B)]
+            for paged in (False, True):
+                what = f"{preset} batch {B} {'paged' if paged else 'static'}"
+                if over(what):
+                    continue
+                print(f"generate: {what} ...", flush=True)
+                _attempt(rows, "generate", what, lambda: [_generator_row(model, preset, B, prompts, toks, paged, calls)])
+            if preset in (presets[0], "tiny") and B in (batches[0], batches[-1]):
+                if not over(f"{preset} batch {B} gpt-fast-style"):
+                    print(f"generate: gpt-fast-style {preset} batch {B} ...", flush=True)
+                    _attempt(rows, "generate", f"gpt-fast-style {preset} batch {B}",
+                             lambda: [_gptfast_row(model, preset, B, prompt_len, toks, calls)])
+                if ON_GPU and not over(f"{preset} batch {B} unfused"):
+                    os.environ["GPTCORE_FUSED_DECODE"] = "0"
+                    try:
+                        _attempt(rows, "generate", f"unfused {preset} batch {B}", lambda: [_generator_row(
+                            model, preset, B, prompts, toks, False, calls, name="cache + graph, unfused")])
+                    finally:
+                        os.environ.pop("GPTCORE_FUSED_DECODE", None)
+        T = min(512, cfg.context_length - 1)
+        if not over(f"{preset} prefill {T}"):
+            _attempt(rows, "generate", f"{preset} prefill {T}", lambda: [_prefill_row(model, preset, T, calls)])
+        del model
+        if ON_GPU:
+            torch.cuda.empty_cache()
+    return rows
 
 
 def bench_mixed(cfg, dtype, quick) -> list[dict]:
@@ -306,19 +550,35 @@ def bench_decode_attention(dtype, quick) -> list[dict]:
 SECTIONS = ("generate", "mixed", "append", "decode")
 
 
-def run(quick: bool = False, sections=SECTIONS) -> list[dict]:
+PRESETS = ("gpt2", "gpt2-medium", "gpt2-xl")
+
+
+def run(quick: bool = False, sections=SECTIONS, preset: str | None = None, presets=None, batches=None,
+        time_budget_s: float | None = None, reference_rows: bool = False) -> list[dict]:
+    """presets / batches: the decode matrix (default gpt2, gpt2-medium, gpt2-xl x 1, 8, 32; preset: just
+    that one); time_budget_s: seconds for the generate section (default 270); reference_rows: also the
+    slow older rows (no cache, eager cache, torch backend, HF) for the first preset."""
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
     dtype = torch.bfloat16 if ON_GPU else torch.float32
+    presets = list(presets or ([preset] if preset else PRESETS))
     if ON_GPU:
-        cfg = GPTConfig.from_preset("gpt2")
-        batches, prompt_len, new_tokens = [1, 32], 16, (64 if quick else 256)
+        cfg = GPTConfig.from_preset(presets[0])
+        batches = list(batches or [1, 8, 32])
+        prompt_len, new_tokens = 16, (32 if quick else 128)
     else:  # a CPU smoke run of the whole script
         cfg = GPTConfig.from_preset("tiny")
-        batches, prompt_len, new_tokens = [1, 4], 8, 8
+        presets, batches, prompt_len, new_tokens = presets[:1], [1, 4], 8, 8
+    budget = (60.0 if quick else 270.0) if time_budget_s is None else time_budget_s
     print(f"device: {torch.cuda.get_device_name() if ON_GPU else 'cpu'}; ceilings: {ceilings()}")
-    rows = bench_generation(cfg, dtype, batches, prompt_len, new_tokens, quick) if "generate" in sections else []
+    rows = []
+    if "generate" in sections:
+        t0 = time.perf_counter()
+        rows += bench_decode(presets, batches, dtype, prompt_len, new_tokens, quick, budget)
+        if reference_rows:
+            rows += bench_generation(cfg, dtype, [batches[0], batches[-1]], prompt_len, new_tokens, quick)
+        print(f"generate section: {time.perf_counter() - t0:.0f} s", flush=True)
     if "mixed" in sections:
         _attempt(rows, "mixed", "mixed prompt lengths", lambda: bench_mixed(cfg, dtype, quick))
     if "append" in sections:
@@ -326,8 +586,10 @@ def run(quick: bool = False, sections=SECTIONS) -> list[dict]:
     if "decode" in sections:
         _attempt(rows, "decode", "decode attention", lambda: bench_decode_attention(dtype, quick))
     tables = [
-        ("generate", ["name", "backend", "batch", "new_tok_s", "ms_per_token", "frac_weight_bw", "kv_B_per_token",
-                      "decode_mode"], f"generation: {new_tokens} new tokens, {prompt_len}-token prompts, greedy"),
+        ("generate", ["name", "backend", "preset", "batch", "cache", "new_tok_s", "ms_per_step", "frac_weight_bound",
+                      "kernels_per_step", "decode_step", "prefill_ms"],
+         f"generation: {new_tokens} new tokens ({max(8, new_tokens // 2)} for gpt2-xl), {prompt_len}-token prompts, "
+         f"greedy; frac_weight_bound = weight bytes / step time / measured copy GB/s"),
         ("mixed", ["name", "batch", "prompt_lens", "new_tok_s", "kv_MB_in_use", "kv_MB_tokens", "unused_frac"],
          "mixed prompt lengths: KV bytes in use vs bytes holding tokens"),
         ("append", ["name", "positions", "shape", "us", "GBps", "frac_copy_bw", "us_gpu", "GBps_gpu",
@@ -343,25 +605,30 @@ def run(quick: bool = False, sections=SECTIONS) -> list[dict]:
             print(f"FAILED {r['section']}: {r['name']}: {r['error']}")
     _print_targets(rows)
     path = write_json("generate", rows, extra={"config": cfg.to_dict(), "dtype": str(dtype), "quick": quick,
-                                               "sections": list(sections)})
+                                               "sections": list(sections), "presets": presets, "batches": batches})
     print(f"\nwrote {path}")
     return rows
 
 
 def _print_targets(rows: list[dict]) -> None:
-    """The issue's targets (context, not assertions): batch 1 >= 2000 and batch 32 >= 25000 new
-    tokens/s with the CUDA graph; append >= 80% of copy bandwidth."""
-    def best(batch):
-        got = [r["new_tok_s"] for r in rows if r["section"] == "generate" and r.get("batch") == batch
-               and r.get("name") == "cache + graph" and r.get("backend") == "triton"]
-        return max(got) if got else None
+    """Issue 17's targets (context, not assertions)."""
+    def get(name, preset, batch, cache="static"):
+        got = [r for r in rows if r["section"] == "generate" and r.get("name") == name and r.get("preset") == preset
+               and r.get("batch") == batch and r.get("cache", "static") == cache and "error" not in r]
+        return got[0] if got else {}
 
-    app = [r for r in rows if r["section"] == "append" and r.get("name") == "gptcore kv_append_kv"]
-    eager = max((r["frac_copy_bw"] for r in app if r.get("frac_copy_bw")), default=None)
-    dev = max((r["frac_copy_bw_gpu"] for r in app if r.get("frac_copy_bw_gpu")), default=None)
-    print("\ntargets: batch 1 cache+graph {} tok/s (>= 2000); batch 32 {} tok/s (>= 25000); kv_append_kv {} of "
-          "copy bandwidth on device time, {} per eager call with its host bounds check (>= 0.80)".format(
-              best(1), best(32), dev, eager))
+    b1, fast1 = get("cache + graph", "gpt2", 1), get("gpt-fast-style", "gpt2", 1)
+    b32, xl = get("cache + graph", "gpt2", 32), get("cache + graph", "gpt2-xl", 1)
+    ratio = b1["new_tok_s"] / fast1["new_tok_s"] if b1 and fast1 else None
+    print(f"\ntargets: gpt2 batch 1 {b1.get('new_tok_s')} tok/s (>= 4000) and {ratio} x gpt-fast-style (>= 2); "
+          f"batch 32 {b32.get('new_tok_s')} (>= 100000); gpt2-xl batch 1 {xl.get('frac_weight_bound')} of the "
+          f"weight-read bound (>= 0.65); kernels/step gpt2 {b1.get('kernels_per_step')} (<= 5 x 12 + 3 = 63)")
+    for r in rows:
+        if r.get("section") == "generate" and r.get("name") == "paged + graph" and "error" not in r:
+            s = get("cache + graph", r["preset"], r["batch"])
+            if s.get("ms_per_step") and r.get("ms_per_step"):
+                print(f"  paged/static step time {r['preset']} batch {r['batch']}: "
+                      f"{r['ms_per_step'] / s['ms_per_step']:.3f} (<= 1.05)")
 
 
 def main(argv=None) -> None:
@@ -369,8 +636,17 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="fewer tokens and rows (a smoke run)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), metavar="SECTION",
                    help=f"which parts to run, any of {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--presets", nargs="+", choices=sorted(PRESETS), default=None, metavar="PRESET",
+                   help=f"model presets of the decode matrix (default: {' '.join(PRESETS)}; tiny on a CPU)")
+    p.add_argument("--batches", nargs="+", type=int, default=None, metavar="B",
+                   help="batch sizes of the decode matrix (default: 1 8 32)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="seconds for the generate section; rows past it are listed as skipped (default 270, 60 with --quick)")
+    p.add_argument("--reference-rows", action="store_true",
+                   help="also the older slow rows: no cache (reference, torch), eager cache, torch backend + graph, HF")
     args = p.parse_args(argv)
-    run(quick=args.quick, sections=args.sections)
+    run(quick=args.quick, sections=args.sections, presets=args.presets, batches=args.batches,
+        time_budget_s=args.time_budget, reference_rows=args.reference_rows)
 
 
 if __name__ == "__main__":

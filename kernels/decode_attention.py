@@ -19,7 +19,9 @@ With one query row there is no matrix product worth a tensor core, and one progr
                    partial result: unnormalised output acc, running max m and sum l.
   _combine_kernel  grid (B*H,): rescales the S partials to the largest m and normalises:
                    out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
-With S == 1 the split kernel normalises and writes the output itself. S depends only on shapes
+With ``counters`` (the fused decode step passes them) there is no combine launch: the split of each
+(sequence, head) that finishes last, told by an arrival counter, combines the partials in the fixed
+split order (deterministic). With S == 1 the split kernel normalises and writes the output itself. S depends only on shapes
 (batch, heads, capacity, GPU size), never on lengths, so one launch configuration serves every
 decode step and the kernels can be captured in a CUDA graph. Tiles past a sequence's length load
 nothing (fully masked). Reads are bounds-safe: keys past lengths[b] and keys in a block id outside
@@ -38,6 +40,7 @@ import triton.language as tl
 
 from gptcore.kernels._launch import cdiv, next_pow2, planned
 from gptcore.kernels._rows import persistent_programs
+from gptcore.kernels.decode_linear import _arrive
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -45,7 +48,7 @@ MAX_HEAD_DIM = 256
 
 @planned
 @triton.jit
-def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNew, VNew,
+def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNew, VNew, Cnt,
                   sqb, sqh, sqd,            # Q: (B, H, D) strides
                   snb, snh, snd,            # KNew, VNew: (B, H, D) strides (unused unless APPEND)
                   skb, skh, skt, skd,       # K: static (B, H, T, D) / paged (NB, H, PAGE, D) strides
@@ -54,7 +57,8 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNe
                   sob, soh, sod,            # Out: (B, H, D) strides
                   H, D, capacity, num_blocks, qk_scale,
                   SPLIT_LEN: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr, APPEND: tl.constexpr,
+                  FUSED_COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 1):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // H
@@ -129,6 +133,33 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNe
         tl.store(PartAcc + part * BLOCK_D + offs_d, acc)
         tl.store(PartMax + part, m_i)
         tl.store(PartSum + part, l_i)
+        if FUSED_COMBINE:
+            # the split that finishes last for this (sequence, head) combines them all (decode_linear's
+            # arrival counter: a fixed combine order, so the result does not depend on who is last)
+            if _arrive(Cnt + pid_bh, NUM_SPLITS):
+                _combine(PartAcc, PartMax, PartSum, Out, pid_bh, sob, soh, sod, H, D, NUM_SPLITS, BLOCK_S, BLOCK_D)
+
+
+@triton.jit
+def _combine(PartAcc, PartMax, PartSum, Out, pid_bh, sob, soh, sod, H, D,
+             NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program pid_bh's output from its NUM_SPLITS partials (loads bypass L1: other programs wrote them)."""
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    base = pid_bh * NUM_SPLITS + offs_s
+    m = tl.load(PartMax + base, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(PartSum + base, mask=mask_s, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))     # (BLOCK_S,), 0 for empty splits
+    acc = tl.load(PartAcc + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0,
+                  cache_modifier=".cg")
+    num = tl.sum(w[:, None] * acc, axis=0)
+    den = tl.sum(w * l, axis=0)
+    out = num / tl.where(den > 0.0, den, 1.0)
+    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
 @planned
@@ -136,22 +167,7 @@ def _split_kernel(Q, K, V, Lens, BlockTable, Out, PartAcc, PartMax, PartSum, KNe
 def _combine_kernel(PartAcc, PartMax, PartSum, Out,  # partials: (B*H, S, BLOCK_D), (B*H, S), (B*H, S)
                     sob, soh, sod, H, D,
                     NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_bh = tl.program_id(0)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < NUM_SPLITS
-    offs_d = tl.arange(0, BLOCK_D)
-    base = pid_bh * NUM_SPLITS + offs_s
-    m = tl.load(PartMax + base, mask=mask_s, other=float("-inf"))
-    l = tl.load(PartSum + base, mask=mask_s, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))     # (BLOCK_S,), 0 for empty splits
-    acc = tl.load(PartAcc + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None], other=0.0)
-    num = tl.sum(w[:, None] * acc, axis=0)
-    den = tl.sum(w * l, axis=0)
-    out = num / tl.where(den > 0.0, den, 1.0)
-    tl.store(Out + b * sob + h * soh + offs_d * sod, out.to(Out.dtype.element_ty), mask=offs_d < D)
+    _combine(PartAcc, PartMax, PartSum, Out, tl.program_id(0), sob, soh, sod, H, D, NUM_SPLITS, BLOCK_S, BLOCK_D)
 
 
 def plan_splits(batch_heads: int, capacity: int, device: torch.device, block_n: int,
@@ -217,12 +233,15 @@ def _check(q, k_cache, v_cache, lengths, block_table):
 
 
 def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None, num_splits=None,
-                     k_new=None, v_new=None):
+                     k_new=None, v_new=None, counters=None, out=None):
     """softmax(q K^T * scale) V over keys 0..lengths[b]-1 of each sequence; see the module doc.
 
     With k_new and v_new (q's shape and dtype) the kernel first makes them key/value lengths[b]-1
     of each sequence: stored into the cache there (the caller has already counted them in
     lengths) and attended to, in the same launch, instead of a separate append kernel.
+    counters: an int32 tensor of >= B*H zeros (left at zero); with it the split kernel combines its
+    own partials (the last split of each head to finish does it) and no combine kernel runs.
+    out: a (B, H, D) tensor of q's dtype to write into (default: a new one).
     """
     _check(q, k_cache, v_cache, lengths, block_table)
     B, H, D = q.shape[0], q.shape[1], q.shape[-1]
@@ -241,7 +260,12 @@ def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None,
         vn = vn.contiguous()
         kn = kn.contiguous()
     lengths = lengths.contiguous()
-    out = torch.empty((B, H, D), device=q.device, dtype=q.dtype)
+    if out is None:
+        out = torch.empty((B, H, D), device=q.device, dtype=q.dtype)
+    elif out.shape != (B, H, D) or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"decode_attention: out must be ({B}, {H}, {D}) {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < B * H):
+        raise ValueError(f"decode_attention: counters must be >= {B * H} int32 zeros")
     paged = block_table is not None
     page = k_cache.shape[2] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[2]
@@ -255,14 +279,16 @@ def decode_attention(q, k_cache, v_cache, lengths, block_table=None, scale=None,
     else:
         part_acc = part_max = part_sum = out  # unused when there is one split
     bt = block_table if paged else lengths  # a placeholder pointer when static
+    fused = counters is not None and splits > 1
     _split_kernel[(B * H, splits)](
         q3, k_cache, v_cache, lengths, bt, out, part_acc, part_max, part_sum, kn, vn,
+        counters if fused else lengths,
         *q3.stride(), *kn.stride(), *k_cache.stride(), *v_cache.stride(), bt.stride(0) if paged else 0, *out.stride(),
         H, D, capacity, k_cache.shape[0], scale * LOG2E,
         SPLIT_LEN=split_len, NUM_SPLITS=splits, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, PAGE=page, PAGED=paged,
-        APPEND=append, num_warps=4,
+        APPEND=append, FUSED_COMBINE=fused, BLOCK_S=next_pow2(splits), num_warps=4,
     )
-    if splits > 1:
+    if splits > 1 and not fused:
         _combine_kernel[(B * H,)](
             part_acc, part_max, part_sum, out, *out.stride(), H, D,
             NUM_SPLITS=splits, BLOCK_S=next_pow2(splits), BLOCK_D=BLOCK_D, num_warps=4,

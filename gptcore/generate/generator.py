@@ -6,7 +6,7 @@ cohesive class (cache, captured decode and prefill steps, stop flags, stats), he
     new = generate(model, [[464, 2068, 7586], [40]], max_new_tokens=20, temperature=0)  # greedy
     gen = Generator(model, paged=True)    # keeps its cache and captured graphs between calls
     new = gen.generate(prompts, 64, temperature=0.8, top_k=50, top_p=0.95, seed=0, stop_tokens=[50256])
-    gen.stats                             # tokens/s, prefill/decode ms, decode mode (and why)
+    gen.stats                             # tokens/s, prefill/decode ms, decode mode (and why), decode step
 
 Both return the new tokens of each prompt (list of lists, a stop token included when hit).
 
@@ -32,6 +32,10 @@ How a call runs:
            (``cache.reorder``) at each check. The prefill is captured too, after its first eager
            run for a (batch, padded prompt length, sampling) shape: a repeated shape replays it
            (``MAX_PREFILL_GRAPHS`` shapes kept). ``stats['prefill_mode']`` says which ran.
+  fused    with the triton backend on CUDA (batch <= 64, learned positions, no LoRA) each decode
+           step is gptcore.decode_step's fused step: 5 launches per layer + 2, greedy pick fused into
+           the LM head (sampling: its logits, then the sampler above); ``stats['decode_step']`` says
+           which step ran and, when not fused, why. GPTCORE_FUSED_DECODE=0 turns it off.
   no cache ``use_cache=False`` recomputes the whole (right-padded) sequence for every new token:
            the reference the cached path must match token for token.
 """
@@ -44,15 +48,18 @@ import torch
 
 from gptcore.generate.sampling import (Prompts, StreamFn, _as_prompt_lists, _check_sampling, _Request, _Streamer,
                                       sample)
+from gptcore.decode_step import fused_decode_step
 from gptcore.kv_cache import KVCache, PagedKVCache
 
 
 # ---- the generator ----------------------------------------------------------------------------
 class _Graph:
-    """A captured decode step and the static buffers it reads and writes."""
+    """A captured decode step and the static buffers it reads and writes (fused: the fused decode
+    step whose buffers the graph uses, or None and why_unfused says why)."""
 
     def __init__(self, graph, tok, done, noise):
         self.graph, self.tok, self.done, self.noise = graph, tok, done, noise
+        self.fused, self.why_unfused = None, ""
 
 
 class _Prefill:
@@ -95,6 +102,7 @@ class Generator:
         self._graphs: dict[tuple, _Graph] = {}
         self._prefills: dict[tuple, _Prefill] = {}
         self._prefill_mode = ""
+        self._decode_step = ""
         self.stats: dict = {}
 
     # ---- setup -------------------------------------------------------------------------------
@@ -191,7 +199,8 @@ class Generator:
         self.stats = {
             "batch": B, "new_tokens": n_new, "seconds": total, "tokens_per_s": n_new / total if total else None,
             "prefill_ms": (t_prefill - t0) * 1e3, "decode_ms_per_step": (t1 - t_prefill) * 1e3 / max(1, N - 1),
-            "decode_mode": mode, "prefill_mode": self._prefill_mode if use_cache else "eager",
+            "decode_mode": mode, "decode_step": self._decode_step if use_cache else "model forward (no cache)",
+            "prefill_mode": self._prefill_mode if use_cache else "eager",
             "cache": ("paged" if self.paged else "static") if use_cache else None,
             "kv_bytes_per_token": self.cache.bytes_per_token() if use_cache else None,
         }
@@ -214,15 +223,14 @@ class Generator:
         first, self._prefill_mode = self._prefill(req, cache, padded, last, noise, graph_ok)   # (B,)
         cache.set_lengths(lens)
         stop_t = torch.tensor(stops, dtype=torch.long, device=device) if stops else None
-        if graph_ok:
-            key = (B, cache.max_seq_len, req.sampling, tuple(stops))
-            state = self._graphs.get(key)
-            if state is None:
-                state = _Graph(None, torch.empty((B, 1), dtype=torch.long, device=device),
-                               torch.zeros(B, dtype=torch.bool, device=device), noise)
-        else:
+        key = (B, cache.max_seq_len, req.sampling, tuple(stops))
+        state = self._graphs.get(key) if graph_ok else None
+        if state is None:
             state = _Graph(None, torch.empty((B, 1), dtype=torch.long, device=device),
                            torch.zeros(B, dtype=torch.bool, device=device), noise)
+            # the fused decode step (gptcore.decode_step) lives as long as the graph that uses its buffers
+            state.fused, state.why_unfused = fused_decode_step(model, cache)
+        self._decode_step = "fused" if state.fused is not None else f"model forward ({state.why_unfused})"
         state.tok.copy_(first[:, None])
         state.done.copy_(_is_stop(first, stop_t) if stop_t is not None else torch.zeros_like(state.done))
         out = torch.empty((B, N), dtype=torch.long, device=device)
@@ -236,9 +244,13 @@ class Generator:
 
         def step():
             with cache.external_reservation():
-                logits = model(state.tok, kv_cache=cache)[:, -1]                   # (B, V)
-                nxt = req.sample(logits, state.noise, model.ops.token_pick)
-                state.tok.copy_(nxt[:, None])
+                if state.fused is not None and req.temperature == 0:
+                    nxt = state.fused.greedy(state.tok, out=state.tok.view(-1))  # writes the token in place
+                else:
+                    logits = (state.fused.logits(state.tok) if state.fused is not None
+                              else model(state.tok, kv_cache=cache)[:, -1])     # (B, V)
+                    nxt = req.sample(logits, state.noise, model.ops.token_pick)
+                    state.tok.copy_(nxt[:, None])
                 if stop_t is not None:
                     state.done.logical_or_(_is_stop(nxt, stop_t))
 
@@ -275,6 +287,7 @@ class Generator:
                     keep_dev = torch.tensor(keep, device=device)
                     state = _Graph(None, state.tok[keep_dev].clone(), state.done[keep_dev].clone(),
                                    None if state.noise is None else state.noise[: len(keep)].clone())
+                    state.fused, state.why_unfused = fused_decode_step(model, cache)
                     rows = [rows[r] for r in keep]
                     rows_dev = torch.tensor(rows, device=device)
         if streamer:
