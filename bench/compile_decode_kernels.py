@@ -35,7 +35,7 @@ def comp(kfn, sig, consts, name):
         print("FAIL", name, type(e).__name__, str(e)[:3000])
 
 ptr = {n: "*fp32" for n in ["X", "LnW", "LnB", "Bias", "Res", "Out", "Ws", "PVal"]}
-def skinny(wdt, xdt, epi, split, bm, bn, ln, paged=False, bias=True):
+def skinny(wdt, xdt, epi, split, bm, bn, ln, paged=False, bias=True, post_ln=False):
     sig = dict(ptr)
     sig.update({"X": f"*{xdt}", "LnW": f"*{wdt}", "LnB": f"*{wdt}", "W": f"*{wdt}", "Bias": f"*{wdt}",
                 "Res": "*fp32", "Out": "*fp32" if epi in (0, 2) else f"*{wdt}", "Ws": "*fp32", "Cnt": "*i32",
@@ -43,8 +43,10 @@ def skinny(wdt, xdt, epi, split, bm, bn, ln, paged=False, bias=True):
                 "PVal": "*fp32", "PIdx": "*i32", "Tok": "*i64", "eps": "fp32"})
     consts = dict(K_SPLIT=128 * 2, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, PRO_LN=ln, HAS_BIAS=bias,
                   EPI=epi, STORE_OUT=True, IEEE=wdt == "fp32", PAGE=16 if paged else 1, PAGED=paged,
-                  BLOCK_T=max(16, 4096 // bm), BLOCK_KS=max(128, 8192 // bm))
-    comp(dl._skinny_kernel, sig, consts, f"skinny w={wdt} epi={epi} split={split} bm={bm} bn={bn} ln={ln} paged={paged}")
+                  BLOCK_T=max(16, 4096 // bm), BLOCK_KS=max(128, 8192 // bm),
+                  POST_LN=post_ln, BLOCK_R=4, BLOCK_C=2048)
+    sig.update({"XN": f"*{wdt}", "LnW2": f"*{wdt}", "LnB2": f"*{wdt}", "eps2": "fp32"})
+    comp(dl._skinny_kernel, sig, consts, f"skinny w={wdt} epi={epi} split={split} bm={bm} bn={bn} ln={ln} paged={paged} post_ln={post_ln}")
 
 for wdt in ("bf16", "fp32"):
     skinny(wdt, "fp32", 3, 2, 16, 16, True)
@@ -52,10 +54,12 @@ for wdt in ("bf16", "fp32"):
     skinny(wdt, wdt, 2, 6, 16, 16, False)
     skinny(wdt, "fp32", 1, 2, 32, 32, True)
     skinny(wdt, wdt, 2, 1, 64, 64, False)
+    skinny(wdt, wdt, 2, 3, 16, 64, False, post_ln=True)
     skinny(wdt, "fp32", 4, 1, 16, 64, True, bias=False)
     skinny(wdt, "fp32", 0, 3, 16, 16, True)
-comp(dl._embed_kernel, {"Tok": "*i64", "Wte": "*bf16", "Wpe": "*bf16", "Lens": "*i64", "Write": "*i64", "Out": "*fp32"},
-     dict(HAS_WPE=True, BLOCK_C=1024), "embed")
+comp(dl._embed_kernel, {"Tok": "*i64", "Wte": "*bf16", "Wpe": "*bf16", "Lens": "*i64", "Write": "*i64", "Out": "*fp32",
+                        "XN": "*bf16", "LnW": "*bf16", "LnB": "*bf16", "eps": "fp32"},
+     dict(HAS_WPE=True, POST_LN=True, BLOCK_C=1024), "embed")
 sig = {n: "*bf16" for n in ["Q", "K", "V", "Out", "KNew", "VNew"]}
 sig.update({"Lens": "*i64", "BlockTable": "*i32", "PartAcc": "*fp32", "PartMax": "*fp32", "PartSum": "*fp32", "Cnt": "*i32",
             "qk_scale": "fp32"})
@@ -68,7 +72,8 @@ sig.update({"X": "*fp32", "LnW": "*bf16", "LnB": "*bf16", "W": "*bf16", "Bias": 
             "Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Lens": "*i64", "Table": "*i64", "PIdx": "*i32", "Tok": "*i64", "eps": "fp32"})
 fn = dl._skinny_kernel.fn
 consts = dict(K_SPLIT=256, SPLIT_K=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, PRO_LN=True, HAS_BIAS=True, EPI=1, STORE_OUT=True,
-              IEEE=False, PAGE=1, PAGED=False, BLOCK_T=256, BLOCK_KS=512)
+              IEEE=False, PAGE=1, PAGED=False, BLOCK_T=256, BLOCK_KS=512,
+              POST_LN=False, BLOCK_R=4, BLOCK_C=2048)
 signature = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in fn.arg_names}
 k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target)
 ptx = k.asm["ptx"]

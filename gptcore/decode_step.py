@@ -6,13 +6,17 @@
     logits = step.logits(tok)                     # (B, V) for sampling
 
 Launches per step (gptcore.kernels.decode_linear, gptcore.kernels.decode_attention):
-    embed         x = wte[tok] + wpe[pos]; the cache's lengths += 1 (advance(1), device part)  1
-    per layer     LN-1 + QKV + bias + KV-cache append (static or paged)                      5 x L
+    embed         x = wte[tok] + wpe[pos]; LN-1 of block 0; the cache's lengths += 1          1
+    per layer     QKV + bias + KV-cache append (static or paged)                             5 x L
                   decode attention over the cache (split-KV, partials combined in the kernel)
-                  out-projection + bias + residual add (in place into x)
-                  LN-2 + FC + bias + GELU
-                  FC2 + bias + residual add
-    head          final LN + LM head + greedy argmax (or + logits for sampling)               1
+                  out-projection + bias + residual add (in place into x) + LN-2
+                  FC + bias + GELU
+                  FC2 + bias + residual add + the next LayerNorm (LN-1 of the next block, or the final LN)
+    head          LM head + greedy argmax (or + logits for sampling)                          1
+Each LayerNorm runs in the kernel that completes the residual stream before it (the residual
+epilogue's last program normalises the finished rows): the Linears after it read a plain input,
+with no per-program LayerNorm prologue (which, recomputed in every program of the skinny GEMM,
+cost the QKV and FC launches 2-3x their weight-streaming time on an H200).
 The residual stream x is kept in fp32 (one (B, C) buffer); activations between kernels are in
 the model's dtype. Every buffer is allocated once per (model, cache, batch), so the step can be
 captured in a CUDA graph (gptcore.generate does).
@@ -84,6 +88,7 @@ class FusedDecodeStep:
         ff = self.layers[0][4].weight.shape[0]
         V = p.shape[0]
         self.x = torch.empty((B, C), device=dev, dtype=torch.float32)       # residual stream
+        self.xn = torch.empty((B, C), device=dev, dtype=dt)                 # its LayerNorm (next Linear's input)
         self.q = torch.empty((B, C), device=dev, dtype=dt)
         self.y = torch.empty((B, H, self.D), device=dev, dtype=dt)          # attention output
         self.f = torch.empty((B, ff), device=dev, dtype=dt)                 # GELU(FC) output
@@ -94,37 +99,42 @@ class FusedDecodeStep:
         self.launches_per_step = 2 + 5 * len(self.layers)
 
     def _body(self, tok) -> torch.Tensor:
-        """Embedding and every block; returns the residual stream x (B, C) fp32."""
+        """Embedding and every block; returns xn (B, C): the final LayerNorm of the residual stream."""
         dl, cache, B = self.dl, self.cache, self.B
         if cache.batch_size != B:
             raise ValueError(f"fused decode step built for {B} sequences, the cache has {cache.batch_size}")
         lengths, write = cache._lengths[:B], cache._write[:B]
-        x = dl.embed(tok.reshape(B, -1)[:, -1], self.wte, self.wpe, lengths, write, out=self.x)
+        xn = self.xn
+        # each LayerNorm is applied by the kernel that finishes the residual stream before it (embed, and
+        # the residual epilogues' last program), so every Linear streams its weight with a plain input
+        lns = [b[0] for b in self.layers[1:]] + [self.ln_f]
+        ln1 = self.layers[0][0]
+        x = dl.embed(tok.reshape(B, -1)[:, -1], self.wte, self.wpe, lengths, write, out=self.x,
+                     post_ln=(ln1.weight, ln1.bias, ln1.eps, xn))
         table = cache._block_table()
-        for i, (ln1, qkv, proj, ln2, fc, fc2) in enumerate(self.layers):
+        for i, ((_, qkv, proj, ln2, fc, fc2), nxt) in enumerate(zip(self.layers, lns)):
             kc, vc = cache._layer(i)
-            dl.ln_qkv_append(x, ln1.weight, ln1.bias, ln1.eps, qkv.weight, qkv.bias, kc, vc, lengths, self.H,
+            dl.ln_qkv_append(xn, None, None, 0.0, qkv.weight, qkv.bias, kc, vc, lengths, self.H,
                              block_table=table, q_out=self.q, ws=self.ws)
             self.attention(self.q.view(B, self.H, self.D), kc, vc, lengths, block_table=table,
                              counters=self.att_counters, out=self.y)
-            dl.linear_residual(self.y.view(B, self.C), proj.weight, proj.bias, x, ws=self.ws)
-            dl.ln_linear_gelu(x, ln2.weight, ln2.bias, ln2.eps, fc.weight, fc.bias, out=self.f, ws=self.ws)
-            dl.linear_residual(self.f, fc2.weight, fc2.bias, x, ws=self.ws)
-        return x
+            dl.linear_residual(self.y.view(B, self.C), proj.weight, proj.bias, x, ws=self.ws,
+                               post_ln=(ln2.weight, ln2.bias, ln2.eps, xn))
+            dl.ln_linear_gelu(xn, None, None, 0.0, fc.weight, fc.bias, out=self.f, ws=self.ws)
+            dl.linear_residual(self.f, fc2.weight, fc2.bias, x, ws=self.ws,
+                               post_ln=(nxt.weight, nxt.bias, nxt.eps, xn))
+        return xn
 
     def greedy(self, tok: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Next greedy token (B,) int64 for input tokens tok (B, 1) or (B,); out may be tok's storage."""
-        x = self._body(tok)
-        ln = self.ln_f
+        xn = self._body(tok)
         out = self.tok if out is None else out
-        return self.dl.ln_lm_head_argmax(x, ln.weight, ln.bias, ln.eps, self.model.lm_head.weight, tok_out=out,
-                                         ws=self.ws)
+        return self.dl.ln_lm_head_argmax(xn, None, None, 0.0, self.model.lm_head.weight, tok_out=out, ws=self.ws)
 
     def logits(self, tok: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, V) in the model's dtype (for sampling)."""
-        x = self._body(tok)
-        ln = self.ln_f
-        return self.dl.ln_linear(x, ln.weight, ln.bias, ln.eps, self.model.lm_head.weight, ws=self.ws)
+        xn = self._body(tok)
+        return self.dl.ln_linear(xn, None, None, 0.0, self.model.lm_head.weight, ws=self.ws)
 
     def __call__(self, tok, sample=None, noise=None):
         """Greedy when sample is None, else sample(logits, noise) (a (logits, noise) -> (B,) callable)."""

@@ -136,6 +136,25 @@ def _epilogue(acc, rows, cols, row_ok, col_ok, pid_n,
 
 
 @triton.jit
+def _ln_rows(X, sx, Y, sy, G, B, eps, M, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Y[m] = LN(X[m]) * G + B for the M rows of X (M, N) fp32 (whole rows, BLOCK_R at a time),
+    rounded to Y's dtype. X is read through L2 (.cg): other programs wrote it."""
+    cs = tl.arange(0, BLOCK_C)
+    c_ok = cs < N
+    g = tl.load(G + cs, mask=c_ok, other=0.0).to(tl.float32)
+    b = tl.load(B + cs, mask=c_ok, other=0.0).to(tl.float32)
+    for r0 in range(0, M, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        m = (rs < M)[:, None] & c_ok[None, :]
+        x = tl.load(X + rs[:, None] * sx + cs[None, :], mask=m, other=0.0, cache_modifier=".cg")
+        mean = tl.sum(x, axis=1) / N
+        d = tl.where(m, x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=1) / N + eps)
+        y = d * rstd[:, None] * g[None, :] + b[None, :]
+        tl.store(Y + rs[:, None] * sy + cs[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _arrive(Cnt, expected):
     """True in the program that arrives last at counter Cnt (of `expected` programs); it resets it.
     The barrier orders every thread's stores before the acq_rel atomic of the one thread doing it."""
@@ -151,11 +170,12 @@ def _arrive(Cnt, expected):
 @triton.jit(do_not_specialize=["M"])  # batch 1 and 8 share one binary (BLOCK_M decides the code)
 def _skinny_kernel(X, LnW, LnB, W, Bias, Res, Out, Ws, Cnt, Q, KC, VC, Lens, Table, PVal, PIdx, Tok,
                    M, N, K, sxm, swn, sres, sout, eps,
-                   skb, skh, skt, skd, sbt, C, HD, capacity, num_blocks, n_tiles,
+                   skb, skh, skt, skd, sbt, C, HD, capacity, num_blocks, n_tiles, XN, LnW2, LnB2, eps2, sxn,
                    K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRO_LN: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
                    STORE_OUT: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_KS: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_KS: tl.constexpr,
+                   POST_LN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -197,6 +217,10 @@ def _skinny_kernel(X, LnW, LnB, W, Bias, Res, Out, Ws, Cnt, Q, KC, VC, Lens, Tab
         _epilogue(acc, rows, cols, row_ok, col_ok, pid_n, Bias, Res, Out, Q, KC, VC, Lens, Table, PVal, PIdx,
                   N, sres, sout, skb, skh, skt, skd, sbt, C, HD, capacity, num_blocks, n_tiles,
                   HAS_BIAS, EPI, STORE_OUT, PAGE, PAGED)
+        if POST_LN:
+            # the grid's last program normalises the finished rows for the next Linear
+            if _arrive(Cnt + n_tiles, n_tiles):
+                _ln_rows(Out, sout, XN, sxn, LnW2, LnB2, eps2, M, N, BLOCK_R, BLOCK_C)
         if EPI == 4:
             # the grid's last program picks each row's token from the per-tile maxima
             if _arrive(Cnt + n_tiles, n_tiles):
@@ -219,10 +243,11 @@ def _skinny_kernel(X, LnW, LnB, W, Bias, Res, Out, Ws, Cnt, Q, KC, VC, Lens, Tab
 
 @planned
 @triton.jit
-def _embed_kernel(Tok, Wte, Wpe, Lens, Write, Out, stok, C, sout,
-                  HAS_WPE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _embed_kernel(Tok, Wte, Wpe, Lens, Write, Out, stok, C, sout, XN, LnW, LnB, eps, sxn,
+                  HAS_WPE: tl.constexpr, POST_LN: tl.constexpr, BLOCK_C: tl.constexpr):
     """Row m: out = wte[tok[m]] + wpe[lengths[m]] (rounded to wte's dtype, as the model adds them);
-    then lengths[m] += 1 and write[m] = the old length (the cache's advance(1), device part)."""
+    then lengths[m] += 1 and write[m] = the old length (the cache's advance(1), device part).
+    POST_LN: also xn[m] = LN(out[m]) in xn's dtype (the first block's LayerNorm)."""
     m = tl.program_id(0)
     cs = tl.arange(0, BLOCK_C)
     ok = cs < C
@@ -232,6 +257,14 @@ def _embed_kernel(Tok, Wte, Wpe, Lens, Write, Out, stok, C, sout,
     if HAS_WPE:
         x = (x + tl.load(Wpe + pos.to(tl.int64) * C + cs, mask=ok, other=0.0)).to(Wte.dtype.element_ty)
     tl.store(Out + m * sout + cs, x.to(Out.dtype.element_ty), mask=ok)
+    if POST_LN:
+        xf = x.to(Out.dtype.element_ty).to(tl.float32)
+        mean = tl.sum(xf, axis=0) / C
+        d = tl.where(ok, xf - mean, 0.0)
+        rstd = tl.rsqrt(tl.sum(d * d, axis=0) / C + eps)
+        g = tl.load(LnW + cs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.load(LnB + cs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(XN + m * sxn + cs, (d * rstd * g + b).to(XN.dtype.element_ty), mask=ok)
     tl.store(Lens + m, pos + 1)
     tl.store(Write + m, pos)
 
@@ -323,10 +356,14 @@ def _check(x, w, name):
 
 
 def _launch(x, w, bias, out, *, epi, ws: Workspace | None, ln=None, res=None, qkv=None, pick=None,
-            block_n=None, split_k=None, store_out=True):
+            block_n=None, split_k=None, store_out=True, post_ln=None):
     M, K = x.shape
     N = w.shape[0]
     p = plan(M, N, K, x.device, block_n, split_k, allow_split=epi != EPI_ARGMAX)
+    # shared memory: num_stages copies of the (BLOCK_M, BLOCK_K) and (BLOCK_K, BLOCK_N) operand tiles
+    stages = p.num_stages
+    while stages > 1 and stages * (p.block_m + p.block_n) * p.block_k * w.element_size() > 200 * 1024:
+        stages -= 1
     if ws is None:
         ws = workspace_for(x.device, M, [(N, K, epi != EPI_ARGMAX)], block_n, split_k)
     need = max(p.split_k * M * N if p.split_k > 1 else 0, 2 * M * p.n_tiles if epi == EPI_ARGMAX else 0)
@@ -353,21 +390,39 @@ def _launch(x, w, bias, out, *, epi, ws: Workspace | None, ln=None, res=None, qk
         pidx = ws.part[M * p.n_tiles: 2 * M * p.n_tiles].view(torch.int32)
     res_t = res if res is not None else dummy
     out_t = out if out is not None else dummy
+    if post_ln is not None:
+        if epi != EPI_RESIDUAL:
+            raise ValueError("decode_linear: post_ln goes with the residual epilogue")
+        ln2_w, ln2_b, eps2, xn = post_ln
+        if xn.shape != out.shape or xn.stride(1) != 1:
+            raise ValueError(f"decode_linear: post_ln output must be {tuple(out.shape)} with a unit column stride, "
+                             f"got {tuple(xn.shape)}")
+    else:
+        ln2_w = ln2_b = xn = dummy
+        eps2 = 0.0
     _skinny_kernel[(p.n_tiles, p.split_k)](
         x, ln_w, ln_b, w, bias if bias is not None else dummy, res_t, out_t, ws.part, ws.counters,
         q, kc, vc, lens, table, pval, pidx, tok,
         M, N, K, x.stride(0), w.stride(0), res.stride(0) if res is not None else 0,
         out.stride(0) if out is not None else 0, float(eps),
         skb, skh, skt, skd, sbt, C, HD, capacity, num_blocks, p.n_tiles,
+        xn, ln2_w, ln2_b, float(eps2), xn.stride(0) if post_ln is not None else 0,
         K_SPLIT=p.k_split, SPLIT_K=p.split_k, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         PRO_LN=ln is not None, HAS_BIAS=bias is not None, EPI=epi, STORE_OUT=store_out,
         IEEE=w.dtype == torch.float32, PAGE=page, PAGED=paged, BLOCK_T=max(16, 4096 // p.block_m),
         BLOCK_KS=_stats_chunk(K, p),
-        num_warps=p.num_warps, num_stages=p.num_stages,
+        POST_LN=post_ln is not None, BLOCK_R=max(1, 8192 // next_pow2(N)) if post_ln is not None else 1,
+        BLOCK_C=next_pow2(N) if post_ln is not None else 1,
+        num_warps=p.num_warps, num_stages=stages,
     )
 
 
 # ---- public functions --------------------------------------------------------------------------
+# The ln_* functions take ln_w=None for an x that is already normalised (a post_ln output).
+def _ln_args(ln_w, ln_b, eps):
+    return None if ln_w is None else (ln_w, ln_b, eps)
+
+
 def linear(x, w, bias=None, out=None, ws=None, **kw):
     """x @ w.T + bias -> out (M, N) (fp32 by default)."""
     _check(x, w, "linear")
@@ -376,11 +431,13 @@ def linear(x, w, bias=None, out=None, ws=None, **kw):
     return out
 
 
-def linear_residual(x, w, bias, resid, out=None, ws=None, **kw):
-    """resid + x @ w.T + bias -> out (default: resid itself, updated in place)."""
+def linear_residual(x, w, bias, resid, out=None, ws=None, post_ln=None, **kw):
+    """resid + x @ w.T + bias -> out (default: resid itself, updated in place). post_ln = (ln_w, ln_b,
+    eps, xn): also xn = LN(out) in xn's dtype (the next block's LayerNorm, done by the grid's last
+    program once every row is complete), for a following call with ln_w=None."""
     _check(x, w, "linear_residual")
     out = resid if out is None else out
-    _launch(x, w, bias, out, epi=EPI_RESIDUAL, ws=ws, res=resid, **kw)
+    _launch(x, w, bias, out, epi=EPI_RESIDUAL, ws=ws, res=resid, post_ln=post_ln, **kw)
     return out
 
 
@@ -388,7 +445,7 @@ def ln_linear_gelu(x, ln_w, ln_b, eps, w, bias, out=None, ws=None, **kw):
     """gelu_tanh(LN(x) @ w.T + bias) -> out (M, N), by default in w's dtype (the next Linear's input)."""
     _check(x, w, "ln_linear_gelu")
     out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=w.dtype) if out is None else out
-    _launch(x, w, bias, out, epi=EPI_GELU, ws=ws, ln=(ln_w, ln_b, eps), **kw)
+    _launch(x, w, bias, out, epi=EPI_GELU, ws=ws, ln=_ln_args(ln_w, ln_b, eps), **kw)
     return out
 
 
@@ -396,7 +453,7 @@ def ln_linear(x, ln_w, ln_b, eps, w, bias=None, out=None, ws=None, **kw):
     """LN(x) @ w.T + bias -> out (M, N), by default in w's dtype (F.linear's: e.g. the LM head's logits)."""
     _check(x, w, "ln_linear")
     out = torch.empty((x.shape[0], w.shape[0]), device=x.device, dtype=w.dtype) if out is None else out
-    _launch(x, w, bias, out, epi=EPI_STORE, ws=ws, ln=(ln_w, ln_b, eps), **kw)
+    _launch(x, w, bias, out, epi=EPI_STORE, ws=ws, ln=_ln_args(ln_w, ln_b, eps), **kw)
     return out
 
 
@@ -424,7 +481,7 @@ def ln_qkv_append(x, ln_w, ln_b, eps, w, bias, k_cache, v_cache, lengths, n_head
     if block_table is not None and k_cache.shape[2] & (k_cache.shape[2] - 1):
         raise ValueError(f"ln_qkv_append: block_size must be a power of two, got {k_cache.shape[2]}")
     q = torch.empty((M, C), device=x.device, dtype=w.dtype) if q_out is None else q_out
-    _launch(x, w, bias, None, epi=EPI_QKV, ws=ws, ln=(ln_w, ln_b, eps),
+    _launch(x, w, bias, None, epi=EPI_QKV, ws=ws, ln=_ln_args(ln_w, ln_b, eps),
             qkv=(q, k_cache, v_cache, lengths, block_table, C, hd), **kw)
     return q
 
@@ -440,21 +497,24 @@ def ln_lm_head_argmax(x, ln_w, ln_b, eps, w, tok_out=None, logits_out=None, ws=N
         logits_out, store = torch.empty(1, device=x.device, dtype=w.dtype), False
     else:
         store = True
-    _launch(x, w, None, logits_out, epi=EPI_ARGMAX, ws=ws, ln=(ln_w, ln_b, eps), pick=tok, store_out=store, **kw)
+    _launch(x, w, None, logits_out, epi=EPI_ARGMAX, ws=ws, ln=_ln_args(ln_w, ln_b, eps), pick=tok, store_out=store,
+            **kw)
     return tok
 
 
-def embed(tok, wte, wpe, lengths, write=None, out=None):
+def embed(tok, wte, wpe, lengths, write=None, out=None, post_ln=None):
     """wte[tok[m]] + wpe[lengths[m]] -> out (M, C) (fp32 by default), then lengths += 1 (write, if
     given, gets the old lengths). tok (M,) or (M, 1) int; wpe None for models without learned
-    positions."""
+    positions. post_ln = (ln_w, ln_b, eps, xn): also xn = LN(out) (the first block's LayerNorm)."""
     M, C = tok.shape[0], wte.shape[1]
     out = torch.empty((M, C), device=wte.device, dtype=torch.float32) if out is None else out
     write = lengths if write is None else write
     if write is lengths:
         write = torch.empty_like(lengths)
+    ln_w, ln_b, eps, xn = post_ln if post_ln is not None else (wte, wte, 0.0, out)
     _embed_kernel[(M,)](tok, wte, wpe if wpe is not None else wte, lengths, write, out, tok.stride(0), C,
-                        out.stride(0), HAS_WPE=wpe is not None, BLOCK_C=next_pow2(C), num_warps=4)
+                        out.stride(0), xn, ln_w, ln_b, float(eps), xn.stride(0),
+                        HAS_WPE=wpe is not None, POST_LN=post_ln is not None, BLOCK_C=next_pow2(C), num_warps=4)
     return out
 
 
@@ -469,6 +529,12 @@ def linear_ref(x, w, bias=None):
 
 def linear_residual_ref(x, w, bias, resid):
     return resid + F.linear(x.to(w.dtype), w, bias).to(resid.dtype)
+
+
+def linear_residual_ln_ref(x, w, bias, resid, ln_w, ln_b, eps, xn_dtype):
+    """(resid + x @ w.T + bias, its LayerNorm in xn_dtype): linear_residual with post_ln."""
+    out = linear_residual_ref(x, w, bias, resid)
+    return out, F.layer_norm(out, (out.shape[-1],), ln_w.to(out.dtype), ln_b.to(out.dtype), eps).to(xn_dtype)
 
 
 def ln_linear_gelu_ref(x, ln_w, ln_b, eps, w, bias):

@@ -102,6 +102,51 @@ def test_layernorm_statistics_over_several_chunks(variant, offset, poisoned):
     assert_error_within(fast, twin, oracle, atol=_floor(oracle, torch.float32, K), name=f"{variant} offset {offset}")
 
 
+@pytest.mark.parametrize("M", [1, 3, 17, 64])
+@pytest.mark.parametrize("split_k", [1, 3], ids=["nosplit", "split3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_with_post_layernorm_matches_twin(M, split_k, dtype, poisoned):
+    """linear_residual(post_ln=...): the residual sum and, from the grid's last program, its LayerNorm."""
+    K, N = 80, 200
+    x, w, b, g, beta, r = _inputs(M, K, N, dtype)
+    g2, b2 = (1 + 0.3 * torch.randn(N, device=DEV)).to(dtype), (0.2 * torch.randn(N, device=DEV)).to(dtype)
+    xn = torch.full((M, N), float("nan"), device=DEV, dtype=dtype)
+    out = dl.linear_residual(x.to(dtype), w, b, r.clone(), post_ln=(g2, b2, 1e-5, xn), split_k=split_k, block_n=32)
+    twin_out, twin_xn = dl.linear_residual_ln_ref(x.to(dtype), w, b, r, g2, b2, 1e-5, dtype)
+    d = torch.float64
+    o_out, o_xn = dl.linear_residual_ln_ref(x.to(dtype).to(d), w.to(d), b.to(d), r.to(d), g2.to(d), b2.to(d), 1e-5, d)
+    assert_error_within(out, twin_out, o_out, atol=_floor(o_out, dtype, K), name="residual")
+    assert_error_within(xn, twin_xn, o_xn, atol=_floor(o_xn, dtype, K), name="post LayerNorm")
+
+
+@pytest.mark.parametrize("M", [1, 5])
+def test_embed_with_post_layernorm_matches_twin(M, poisoned):
+    C, V = 96, 50
+    wte, wpe = torch.randn(V, C, device=DEV), torch.randn(40, C, device=DEV)
+    g, b = 1 + 0.3 * torch.randn(C, device=DEV), 0.2 * torch.randn(C, device=DEV)
+    tok = torch.randint(0, V, (M,), device=DEV)
+    lengths = torch.randint(0, 30, (M,), device=DEV)
+    want = dl.embed_ref(tok, wte, wpe, lengths)
+    xn = torch.full((M, C), float("nan"), device=DEV)
+    lens = lengths.clone()
+    out = dl.embed(tok, wte, wpe, lens, post_ln=(g, b, 1e-5, xn))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(xn, F.layer_norm(want, (C,), g, b, 1e-5), rtol=1e-5, atol=1e-5)
+    assert torch.equal(lens, lengths + 1)
+
+
+def test_prenormalised_input_equals_the_layernorm_prologue(poisoned):
+    """ln_w=None (x already normalised, as a post_ln output) gives what the LayerNorm prologue gives on
+    the raw rows, up to the rounding of the normalised rows (both round them to the weight's dtype)."""
+    M, K, N = 5, 80, 70
+    x, w, b, g, beta, r = _inputs(M, K, N, torch.float32)
+    xn = F.layer_norm(x, (K,), g, beta, 1e-5)
+    torch.testing.assert_close(dl.ln_linear_gelu(xn, None, None, 0.0, w, b),
+                               dl.ln_linear_gelu(x, g, beta, 1e-5, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dl.ln_linear(xn, None, None, 0.0, w, b), dl.ln_linear(x, g, beta, 1e-5, w, b),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", BATCHES)
 @pytest.mark.parametrize("K,N", GPU_SHAPES)
