@@ -21,6 +21,7 @@ from gptcore import GPT, GPTConfig
 from gptcore.generate import Generator, filter_logits, generate, sample
 from gptcore.kernels.reference import attention_ref, decode_attention_ref
 from gptcore.kv_cache import KVCache, PagedKVCache
+from tinymodel import spread_tiny
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -30,14 +31,7 @@ PROMPTS = [[5, 17, 300, 2, 99, 41, 7], [9, 8], [100, 200, 300, 400], [3]]
 def _model(backend="torch", pos_emb="learned", seed=0, **kw):
     """Tiny model with an untied, wider-spread head so greedy tokens vary (a random tied GPT-2
     mostly repeats its input token, which would make token-equality tests too easy)."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=512, tie_weights=False, pos_emb=pos_emb, **kw)
-    m = GPT(cfg, backend=backend)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return m.eval()
+    return spread_tiny(512, seed, backend, pos_emb=pos_emb, **kw)
 
 
 # ---- decode attention ---------------------------------------------------------------------------
