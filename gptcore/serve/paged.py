@@ -188,8 +188,7 @@ class DecodeGraph:
     def __init__(self, B: int, pad_slot: int, device):
         self.inp = torch.zeros((2, B), dtype=torch.long, device=device)
         self.inp[0] = pad_slot
-        self.graph = None
-        self.logits = None
+        self.step = None        # the CapturedStep; its output: logits (B, V)
 
 
 class PrefillGraph:
@@ -200,5 +199,4 @@ class PrefillGraph:
     def __init__(self, Rb: int, Tb: int, pad_slot: int, device):
         self.inp = torch.zeros((Rb, Tb + 1), dtype=torch.long, device=device)
         self.inp[:, Tb] = pad_slot
-        self.graph = None
-        self.logits = None      # the graph's output: hidden states (Rb, Tb, C)
+        self.step = None        # the CapturedStep; its output: hidden states (Rb, Tb, C)
