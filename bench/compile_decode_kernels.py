@@ -43,7 +43,7 @@ def skinny(wdt, xdt, epi, split, bm, bn, ln, paged=False, bias=True):
                 "PVal": "*fp32", "PIdx": "*i32", "Tok": "*i64", "eps": "fp32"})
     consts = dict(K_SPLIT=128 * 2, SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, PRO_LN=ln, HAS_BIAS=bias,
                   EPI=epi, STORE_OUT=True, IEEE=wdt == "fp32", PAGE=16 if paged else 1, PAGED=paged,
-                  BLOCK_T=max(16, 4096 // bm))
+                  BLOCK_T=max(16, 4096 // bm), BLOCK_KS=max(128, 8192 // bm))
     comp(dl._skinny_kernel, sig, consts, f"skinny w={wdt} epi={epi} split={split} bm={bm} bn={bn} ln={ln} paged={paged}")
 
 for wdt in ("bf16", "fp32"):
@@ -68,7 +68,7 @@ sig.update({"X": "*fp32", "LnW": "*bf16", "LnB": "*bf16", "W": "*bf16", "Bias": 
             "Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "Lens": "*i64", "Table": "*i64", "PIdx": "*i32", "Tok": "*i64", "eps": "fp32"})
 fn = dl._skinny_kernel.fn
 consts = dict(K_SPLIT=256, SPLIT_K=3, BLOCK_M=16, BLOCK_N=16, BLOCK_K=128, PRO_LN=True, HAS_BIAS=True, EPI=1, STORE_OUT=True,
-              IEEE=False, PAGE=1, PAGED=False, BLOCK_T=256)
+              IEEE=False, PAGE=1, PAGED=False, BLOCK_T=256, BLOCK_KS=512)
 signature = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in fn.arg_names}
 k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target)
 ptx = k.asm["ptx"]

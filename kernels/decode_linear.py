@@ -66,23 +66,26 @@ _BIG = 2147483647
 
 # ---- kernels -----------------------------------------------------------------------------------
 @triton.jit
-def _ln_stats(X, rows, row_ok, sxm, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(mean, rstd) (BLOCK_M,) fp32 of rows of X (M, K): mean first, then the centred variance."""
-    s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+def _ln_stats(X, rows, row_ok, sxm, K, eps, BLOCK_M: tl.constexpr, BLOCK_KS: tl.constexpr):
+    """(mean, rstd) (BLOCK_M,) fp32 of rows of X (M, K), in one pass over K: each chunk's own mean
+    and centred sum of squares, merged into the running ones by Chan's pairwise rule (as exact as
+    mean-then-centred-variance, without a second pass). Chunks are wide (BLOCK_KS): at decode time
+    the passes are latency, not bytes."""
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_KS):
+        ks = k0 + tl.arange(0, BLOCK_KS)
         m = row_ok[:, None] & (ks < K)[None, :]
         x = tl.load(X + rows[:, None] * sxm + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        s += tl.sum(x, axis=1)
-    mean = s / K
-    v = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        m = row_ok[:, None] & (ks < K)[None, :]
-        x = tl.load(X + rows[:, None] * sxm + ks[None, :], mask=m, other=0.0).to(tl.float32)
-        xc = tl.where(m, x - mean[:, None], 0.0)
-        v += tl.sum(xc * xc, axis=1)
-    return mean, tl.rsqrt(v / K + eps)
+        n_old = k0 * 1.0
+        n_c = tl.minimum(K - k0, BLOCK_KS) * 1.0
+        mean_c = tl.sum(x, axis=1) / n_c
+        xc = tl.where(m, x - mean_c[:, None], 0.0)
+        delta = mean_c - mean
+        n_new = n_old + n_c
+        m2 += tl.sum(xc * xc, axis=1) + delta * delta * (n_old * n_c / n_new)
+        mean += delta * (n_c / n_new)
+    return mean, tl.rsqrt(m2 / K + eps)
 
 
 @triton.jit
@@ -152,7 +155,7 @@ def _skinny_kernel(X, LnW, LnB, W, Bias, Res, Out, Ws, Cnt, Q, KC, VC, Lens, Tab
                    K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, PRO_LN: tl.constexpr, HAS_BIAS: tl.constexpr, EPI: tl.constexpr,
                    STORE_OUT: tl.constexpr, IEEE: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
-                   BLOCK_T: tl.constexpr):
+                   BLOCK_T: tl.constexpr, BLOCK_KS: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
@@ -160,7 +163,7 @@ def _skinny_kernel(X, LnW, LnB, W, Bias, Res, Out, Ws, Cnt, Q, KC, VC, Lens, Tab
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     if PRO_LN:
-        mean, rstd = _ln_stats(X, rows, row_ok, sxm, K, eps, BLOCK_M, BLOCK_K)
+        mean, rstd = _ln_stats(X, rows, row_ok, sxm, K, eps, BLOCK_M, BLOCK_KS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_lo = pid_k * K_SPLIT
     for kk in range(0, K_SPLIT, BLOCK_K):
@@ -256,19 +259,19 @@ class Plan:
 def plan(M: int, N: int, K: int, device: torch.device, block_n: int | None = None, split_k: int | None = None,
          allow_split: bool = True) -> Plan:
     """Tile sizes for (M, N, K): enough programs (about 2 per SM) to stream the weight at full
-    bandwidth, split along K only when N alone gives too few. block_n / split_k override (tests)."""
+    bandwidth, split along K only when N alone gives too few. block_n / split_k override (tests).
+    The rule follows a tile sweep on an H200 (bench/decode_sweep.py; bench/results/decode_sweep-*):
+    64-column tiles for wide weights, 32 for narrow ones; 256-deep K steps for long K."""
     if not 1 <= M <= MAX_ROWS:
         raise ValueError(f"decode_linear: {M} rows; the skinny kernels take 1..{MAX_ROWS} (use F.linear above that)")
     block_m = max(16, next_pow2(M))
-    block_k = min(128, max(16, next_pow2(K)))
     cuda = device.type == "cuda"
+    block_k = min(256 if K >= 2048 and cuda else 128, max(16, next_pow2(K)))
     target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()) if cuda else 4
     if block_n is None and not cuda:
         block_n = 64  # the interpreter: fewest programs
     if block_n is None:
-        # every program reads all M rows of its K range: a column tile about as wide as the row block
-        # keeps those (L2) activation reads near the weight bytes; split-K restores the program count
-        block_n = 64 if N >= 64 * target else max(32 if N >= 32 * target else 16, min(64, block_m))
+        block_n = 64 if N >= (1536 if M <= 16 else 3072) else 32
     n_tiles = cdiv(N, block_n)
     k_chunks = cdiv(K, block_k)
     if split_k is None:
@@ -277,6 +280,12 @@ def plan(M: int, N: int, K: int, device: torch.device, block_n: int | None = Non
     k_split = cdiv(k_chunks, split_k) * block_k
     split_k = cdiv(K, k_split)
     return Plan(block_m, block_n, block_k, split_k, k_split, n_tiles, 8 if block_m * block_n >= 4096 else 4, 3)
+
+
+def _stats_chunk(K: int, p: Plan) -> int:
+    """Columns per chunk of the LayerNorm statistics pass: as wide as 8192 fp32 values of BLOCK_M
+    rows allow (few round trips to L2), never narrower than the main loop's BLOCK_K."""
+    return max(p.block_k, min(next_pow2(K), 8192 // p.block_m))
 
 
 class Workspace:
@@ -353,6 +362,7 @@ def _launch(x, w, bias, out, *, epi, ws: Workspace | None, ln=None, res=None, qk
         K_SPLIT=p.k_split, SPLIT_K=p.split_k, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k,
         PRO_LN=ln is not None, HAS_BIAS=bias is not None, EPI=epi, STORE_OUT=store_out,
         IEEE=w.dtype == torch.float32, PAGE=page, PAGED=paged, BLOCK_T=max(16, 4096 // p.block_m),
+        BLOCK_KS=_stats_chunk(K, p),
         num_warps=p.num_warps, num_stages=p.num_stages,
     )
 

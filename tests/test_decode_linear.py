@@ -86,6 +86,22 @@ def test_split_k_matches_twin_and_is_deterministic(variant, split_k, block_n, po
     assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("offset", [0.0, 50.0], ids=["centred", "offset50"])
+@pytest.mark.parametrize("variant", ["ln", "ln_gelu"])
+def test_layernorm_statistics_over_several_chunks(variant, offset, poisoned):
+    """64 rows: the statistics pass reads K = 300 in chunks of 128, 128 and 44 (dl._stats_chunk), merged
+    one after the other; rows with a large common offset check that the merge keeps the variance exact."""
+    M, K, N = 64, 300, 24
+    assert dl._stats_chunk(K, dl.plan(M, N, K, torch.device(DEV))) < K
+    x, w, b, g, beta, r = _inputs(M, K, N, torch.float32)
+    x += offset * (1 + torch.rand(M, 1, device=DEV))
+    fast, twin = _run(variant, x, w, b, g, beta, r)
+    d = torch.float64
+    ref = dl.ln_linear_ref if variant == "ln" else dl.ln_linear_gelu_ref
+    oracle = ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), b.to(d))
+    assert_error_within(fast, twin, oracle, atol=_floor(oracle, torch.float32, K), name=f"{variant} offset {offset}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M", BATCHES)
 @pytest.mark.parametrize("K,N", GPU_SHAPES)
