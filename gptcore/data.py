@@ -19,6 +19,9 @@ serve evaluation. Named corpora ``tinystories`` and ``shakespeare`` are download
 
 Non-UTF-8 input: an error naming the file and byte offset by default; with
 ``errors="replace"`` bad bytes become U+FFFD and the count is reported.
+
+One cohesive thing, hence ~500 lines: the pre-training data path, sources -> tokens -> cached
+splits -> batches (instruction data for fine-tuning is gptcore.sft_data).
 """
 from __future__ import annotations
 
