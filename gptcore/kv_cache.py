@@ -5,7 +5,7 @@
     logits = model(prompt_ids, kv_cache=cache)     # prefill: stores keys/values of every layer
     logits = model(next_ids, kv_cache=cache)       # decode: (B, 1) tokens, attends to the cache
 
-Layouts (the ops and kernels behind them are gptcore._C and gptcore.kernels.decode_attention):
+Layouts (stored through gptcore._C's ops; read by gptcore.ops.cached_decode_attention):
     KVCache       storage (n_layers, 2, B, H, max_seq_len, D); layer l's keys are storage[l, 0]
     PagedKVCache  storage (n_layers, 2, num_blocks, H, block_size, D) and a block table
                   (B, max_blocks) int32: token t of sequence b lives in block

@@ -123,8 +123,9 @@ class Ops:
     """The implementations one backend uses, and a human-readable line per op saying which.
 
     decode_attention is the name of the KV cache's attention read (triton / torch / reference),
-    the one a cache is built with (``cache.attention``; run by cached_decode_attention); loss is (h, lm_head_weight, targets,
-    ignore_index) -> mean loss, or None where the model computes full logits (reference)."""
+    the one a cache is built with (``cache.attention``; run by cached_decode_attention); loss is
+    (h, lm_head_weight, targets, ignore_index) -> mean loss, or None where the model computes full
+    logits (reference)."""
 
     backend: str
     layer_norm: Callable

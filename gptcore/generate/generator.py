@@ -24,7 +24,7 @@ How a call runs:
            sequence has hit a stop token (a device-side done flag), and for streaming, which
            copies each step's tokens to pinned memory and hands them over one step late.
   graph    on CUDA the decode step is captured once per (batch, cache, sampling settings) in a
-           torch.cuda.CUDAGraph and replayed: a static token buffer in, the next token out. The
+           CUDA graph (gptcore.captured_step) and replayed: a static token buffer in, the next token out. The
            host keeps the cache's shadow counters (``reserve(1)``, which also hands out paged
            blocks) and draws the sampling noise before each replay. Elsewhere (CPU, no cache,
            cuda_graph=False, or a failed capture) the same step runs eagerly and ``stats`` says why.
