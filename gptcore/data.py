@@ -19,6 +19,9 @@ serve evaluation. Named corpora ``tinystories`` and ``shakespeare`` are download
 
 Non-UTF-8 input: an error naming the file and byte offset by default; with
 ``errors="replace"`` bad bytes become U+FFFD and the count is reported.
+
+One cohesive thing, hence ~500 lines: the pre-training data path, sources -> tokens -> cached
+splits -> batches (instruction data for fine-tuning is gptcore.sft_data).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -144,16 +147,24 @@ def download(name: str, dest: Path | None = None) -> list[Path]:
 def _walk_text_files(root: Path) -> list[str]:
     """The text files under ``root``, following symlinked folders once each (a symlink loop
     is walked once, not forever)."""
-    seen_dirs, out = set(), []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    out = []
+    for dirpath, filenames in _walk_once(root):
+        out += [os.path.join(dirpath, f) for f in filenames if Path(f).suffix.lower() in TEXT_SUFFIXES]
+    return sorted(out)
+
+
+def _walk_once(top) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its file names) under ``top``, following symlinked folders, each real folder once
+    (a symlink loop is walked once, not forever), subfolders in name order."""
+    seen_dirs = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen_dirs:
             dirnames[:] = []
             continue
         seen_dirs.add(real)
         dirnames.sort()
-        out += [os.path.join(dirpath, f) for f in filenames if Path(f).suffix.lower() in TEXT_SUFFIXES]
-    return sorted(out)
+        yield dirpath, filenames
 
 
 def _glob_match(pat: list[str], parts: list[str]) -> bool:
@@ -175,13 +186,8 @@ def _recursive_glob_files(spec: str) -> list[str]:
     parts = spec.split(os.sep)
     n = next(i for i, c in enumerate(parts) if _glob.has_magic(c))
     top = os.sep.join(parts[:n]) or (os.sep if spec.startswith(os.sep) else os.curdir)
-    seen_dirs, out = set(), []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
+    out = []
+    for dirpath, filenames in _walk_once(top):
         rel = os.path.relpath(dirpath, top)
         rel_parts = [] if rel == os.curdir else rel.split(os.sep)
         for f in filenames:

@@ -307,10 +307,9 @@ class FineTuner(T.Trainer):
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
         """Mean loss per response token over the held-out batches (shared out over ranks)."""
-        if not self.eval_batches:
+        tot = self._eval_totals()
+        if tot is None:
             return None
-        self.model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i in range(self.dist.rank, len(self.eval_batches), self.dist.world):
             x, y = (t.to(self.device) for t in self.eval_batches[i])
             n = (y != -100).sum()

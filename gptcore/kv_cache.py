@@ -5,7 +5,7 @@
     logits = model(prompt_ids, kv_cache=cache)     # prefill: stores keys/values of every layer
     logits = model(next_ids, kv_cache=cache)       # decode: (B, 1) tokens, attends to the cache
 
-Layouts (the ops and kernels behind them are gptcore._C and gptcore.kernels.decode_attention):
+Layouts (stored through gptcore._C's ops; read by gptcore.ops.cached_decode_attention):
     KVCache       storage (n_layers, 2, B, H, max_seq_len, D); layer l's keys are storage[l, 0]
     PagedKVCache  storage (n_layers, 2, num_blocks, H, block_size, D) and a block table
                   (B, max_blocks) int32: token t of sequence b lives in block
@@ -16,7 +16,13 @@ Layouts (the ops and kernels behind them are gptcore._C and gptcore.kernels.deco
 Protocol used by gptcore.model.GPT (each forward, in this order):
     pos = cache.advance(T)                   # (B, T) positions of the new tokens; claims them
     k_all, v_all = cache.update(layer, k, v)  # T > 1: store, return this layer's keys so far
-    y = cache.decode(layer, q, k, v)          # T == 1: store, attend over each sequence's length
+    y = cached_decode_attention(cache, layer, q, k, v)   # T == 1 (gptcore.ops): store, attend over
+                                              # each sequence's length
+The cache stores and hands out; the attention read lives in the ops layer, which uses
+``attention`` (the implementation's name), ``lengths``, ``layer_kv(layer)`` (this layer's storage),
+``block_rows()`` (the active rows' block table, None for the static cache), ``store(layer, k, v)``,
+``gather(layer, n)`` (keys/values of positions < n, (B, H, n, D) each), ``capacity()`` and
+``positions(n)``. gptcore.serve's BatchView speaks the same protocol over the engine's storage.
 Each sequence has its own length (``cache.lengths``, a (B,) device tensor), so sequences of a batch
 may sit at different positions: prompts of different lengths are prefilled right-padded to one
 length (causal attention never lets a real token see the padding after it), then
@@ -40,10 +46,8 @@ import os
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from gptcore import _ext
-from gptcore.kernels.reference import decode_attention_ref
 
 ATTENTION_IMPLS = ("triton", "torch", "reference")
 
@@ -203,33 +207,14 @@ class _Cache:
         """
         T = k.shape[2]
         p = self._host_write[0]  # common to every sequence: reserve() refuses T > 1 otherwise
-        self._store(layer, k, v)
+        self.store(layer, k, v)
         if p == 0:
             return k, v
-        return self._read(layer, p + T)
+        return self.gather(layer, p + T)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v (B, H, 1, D); return attention of q (B, H, 1, D) over each sequence's keys."""
-        kc, vc = self._layer(layer)
-        table = self._block_table()
-        if self.attention == "triton":
-            from gptcore.kernels.decode_attention import decode_attention
-
-            if k.dtype == kc.dtype and v.dtype == vc.dtype:
-                # one launch: the kernel stores k, v at each sequence's write position (lengths - 1,
-                # bounds checked by reserve()) and attends to them with the rest of the cache
-                return decode_attention(q, kc, vc, self.lengths, block_table=table, k_new=k, v_new=v)
-            self._store(layer, k, v)
-            return decode_attention(q, kc, vc, self.lengths, block_table=table)
-        self._store(layer, k, v)
-        if self.attention == "reference":
-            return decode_attention_ref(q, kc, vc, self.lengths, block_table=table)
-        # torch: SDPA over the whole capacity with a per-sequence length mask. Static shapes: the
-        # eager step and its CUDA-graph replay run the very same kernels (identical results).
-        n = self._capacity()
-        k_all, v_all = self._read(layer, n)
-        mask = self._offsets[:n][None, :] < self.lengths[:, None]  # (B, n)
-        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None, None, :])
+    def positions(self, n: int) -> torch.Tensor:
+        """(n,) int64 0..n-1 on the cache's device (preallocated: no launch per layer)."""
+        return self._offsets[:n]
 
     # ---- accounting --------------------------------------------------------------------------
     def bytes_per_token(self) -> int:
@@ -255,8 +240,16 @@ class _Cache:
     def _release_beyond(self, lengths: list[int]) -> None:
         pass
 
-    def _block_table(self):
+    def block_rows(self):
+        """The active sequences' block-table rows (B, max_blocks) int32; None: not paged."""
         return None
+
+    # gptcore.decode_step reads the storage through these two names
+    def _layer(self, layer: int):
+        return self.layer_kv(layer)
+
+    def _block_table(self):
+        return self.block_rows()
 
 
 class KVCache(_Cache):
@@ -273,19 +266,19 @@ class KVCache(_Cache):
         """The whole preallocated buffer: a static cache holds max_seq_len for every sequence."""
         return self.bytes_allocated()
 
-    def _capacity(self) -> int:
+    def capacity(self) -> int:
         return self.max_seq_len
 
-    def _layer(self, layer: int):
+    def layer_kv(self, layer: int):
         B = self.batch_size
         return self.storage[layer, 0, :B], self.storage[layer, 1, :B]  # 2 x (B, H, T_max, D)
 
-    def _store(self, layer: int, k, v) -> None:
-        kc, vc = self._layer(layer)
+    def store(self, layer: int, k, v) -> None:
+        kc, vc = self.layer_kv(layer)
         self._ops.kv_append_kv(kc, vc, k, v, self._write[: self.batch_size], False)  # bounds: reserve()
 
-    def _read(self, layer: int, n: int):
-        kc, vc = self._layer(layer)
+    def gather(self, layer: int, n: int):
+        kc, vc = self.layer_kv(layer)
         return kc[:, :, :n], vc[:, :, :n]
 
     def reorder(self, index: Iterable[int]) -> None:
@@ -329,22 +322,22 @@ class PagedKVCache(_Cache):
     def free_blocks(self) -> int:
         return len(self._free)
 
-    def _capacity(self) -> int:
+    def capacity(self) -> int:
         return self.max_blocks * self.block_size
 
-    def _block_table(self):
+    def block_rows(self):
         return self.block_table[: self.batch_size]
 
-    def _layer(self, layer: int):
+    def layer_kv(self, layer: int):
         return self.storage[layer, 0], self.storage[layer, 1]  # 2 x (num_blocks, H, block_size, D)
 
-    def _store(self, layer: int, k, v) -> None:
-        kc, vc = self._layer(layer)
+    def store(self, layer: int, k, v) -> None:
+        kc, vc = self.layer_kv(layer)
         B = self.batch_size
         self._ops.paged_append(kc, vc, k, v, self.block_table[:B], self._write[:B], False)  # bounds: reserve()
 
-    def _read(self, layer: int, n: int):
-        kc, vc = self._layer(layer)
+    def gather(self, layer: int, n: int):
+        kc, vc = self.layer_kv(layer)
         B = self.batch_size
         table, lengths = self.block_table[:B], self._lengths[:B]
         # bounds: reserve() keeps every length <= n and every block id in the table (no host sync per layer)

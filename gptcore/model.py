@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
-from gptcore.ops import BACKENDS, Ops, default_backend, get_ops
+from gptcore.ops import BACKENDS, Ops, cached_decode_attention, default_backend, get_ops
 
 
 def rope_tables(head_dim: int, length: int, theta: float, device=None):
@@ -66,9 +66,9 @@ class CausalSelfAttention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None and T == 1:
-            # Decode: the cache stores k, v and attends q over each sequence's own length
+            # Decode: the cache stores k, v; q attends over each sequence's own length
             # (sequences of a batch may sit at different positions; see gptcore.kv_cache).
-            y = kv_cache.decode(layer, q, k, v)  # (B, H, 1, D)
+            y = cached_decode_attention(kv_cache, layer, q, k, v)  # (B, H, 1, D)
         else:
             if kv_cache is not None:
                 # The cache stores k, v at this call's positions and returns everything seen so far.

@@ -20,6 +20,7 @@ Every op has the same signature in every backend:
                                                     device-time backward (gptcore.kernels.linear)
                                                     inside ``device_time_first()`` (captured graphs)
   decode_attention                               the KV cache's attention read, by name
+                                                    (cached_decode_attention runs it)
 The model never imports a kernel directly; it asks ``get_ops(backend)``.
 """
 from __future__ import annotations
@@ -122,8 +123,9 @@ class Ops:
     """The implementations one backend uses, and a human-readable line per op saying which.
 
     decode_attention is the name of the KV cache's attention read (triton / torch / reference),
-    the implementations living in gptcore.kv_cache; loss is (h, lm_head_weight, targets,
-    ignore_index) -> mean loss, or None where the model computes full logits (reference)."""
+    the one a cache is built with (``cache.attention``; run by cached_decode_attention); loss is
+    (h, lm_head_weight, targets, ignore_index) -> mean loss, or None where the model computes full
+    logits (reference)."""
 
     backend: str
     layer_norm: Callable
@@ -207,6 +209,37 @@ def default_backend(device=None) -> str:
     if device is not None and torch.device(device).type != "cuda":
         return "torch"
     return "triton" if torch.cuda.is_available() and triton_status() is None else "torch"
+
+
+# ---- decode attention over a KV cache ------------------------------------------------------------
+def cached_decode_attention(cache, layer: int, q, k, v):
+    """Store one decode step's k, v (B, H, 1, D) in ``cache`` and attend q (B, H, 1, D) over each
+    sequence's keys; returns (B, H, 1, D). The cache only stores and hands out (its protocol:
+    gptcore.kv_cache); the read is ``cache.attention``'s:
+      triton     the split-KV decode kernel, which also stores k, v (one launch) when their dtype is
+                 the cache's
+      reference  masked softmax over the stored keys (gptcore.kernels.reference)
+      torch      SDPA over the cache's whole capacity with a per-sequence length mask. Static
+                 shapes: the eager step and its CUDA-graph replay run the very same kernels.
+    """
+    kc, vc = cache.layer_kv(layer)
+    table, lengths = cache.block_rows(), cache.lengths
+    if cache.attention == "triton":
+        from gptcore.kernels.decode_attention import decode_attention
+
+        if k.dtype == kc.dtype and v.dtype == vc.dtype:
+            # one launch: the kernel stores k, v at each sequence's write position (lengths - 1,
+            # bounds checked by the cache's reservation) and attends to them with the rest
+            return decode_attention(q, kc, vc, lengths, block_table=table, k_new=k, v_new=v)
+        cache.store(layer, k, v)
+        return decode_attention(q, kc, vc, lengths, block_table=table)
+    cache.store(layer, k, v)
+    if cache.attention == "reference":
+        return ref.decode_attention_ref(q, kc, vc, lengths, block_table=table)
+    n = cache.capacity()
+    k_all, v_all = cache.gather(layer, n)                                   # 2 x (B, H, n, D)
+    mask = cache.positions(n)[None, :] < lengths[:, None]                   # (B, n)
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None, None, :])
 
 
 def argmax_rows(logits):

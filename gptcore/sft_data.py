@@ -62,14 +62,16 @@ Cache: the token ids, the loss mask and the record offsets of each file are writ
 version and the tokenizer; an unchanged file is never re-tokenized.
 
 Built-in offline set: ``"tasks"`` generates word puzzles with one right answer (reverse, sort,
-first/last word, count) from a fixed seed; ``exact_match`` scores a model on them.
+first/last word, count) from a fixed seed (gptcore.sft_tasks); ``exact_match`` scores a model on them.
+
+One cohesive thing, hence ~520 lines: the path of an instruction record from its file through
+template, tokens and loss mask to a padded batch, and back to a scored response.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import random
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +81,7 @@ import numpy as np
 import torch
 
 from gptcore.data import DataError, cache_root
+from gptcore.sft_tasks import TASKS, generate_tasks
 from gptcore.tokenizer import ENDOFTEXT, get_encoding
 
 IGNORE_INDEX = -100
@@ -246,45 +249,6 @@ def download_dataset(name: str, dest: Optional[Path] = None) -> Path:
                         f"elsewhere and pass --data PATH, or use --data {BUILTIN} (the built-in task set)") from None
     tmp.replace(path)
     return path
-
-
-# ---- the built-in task set --------------------------------------------------------------------------
-# Words that are one GPT-2 token each with a leading space, so answers are short and exact.
-WORDS = ("apple", "river", "stone", "cloud", "green", "tiger", "music", "paper", "light", "water",
-         "bread", "horse", "chair", "dream", "ocean", "smile", "table", "night", "grass", "plant")
-TASKS = ("reverse", "sort", "first", "last", "count")
-_TASK_TEXT = {
-    "reverse": "Reverse the order of the words.",
-    "sort": "Sort the words alphabetically.",
-    "first": "Repeat the first word.",
-    "last": "Repeat the last word.",
-    "count": "How many words are there?",
-}
-_NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def generate_tasks(n: int, seed: int = 0, tasks: Sequence[str] = TASKS, min_words: int = 2,
-                   max_words: int = 5) -> list[dict]:
-    """n Alpaca-layout records of word puzzles with one right answer each (deterministic in seed)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        task = rng.choice(list(tasks))
-        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
-        if task == "reverse":
-            ans = " ".join(reversed(words))
-        elif task == "sort":
-            ans = " ".join(sorted(words))
-        elif task == "first":
-            ans = words[0]
-        elif task == "last":
-            ans = words[-1]
-        else:
-            ans = _NUMBERS[len(words)]
-        # "Words:" / "Answer:" put a space before every word, so each word is the same single
-        # token in the input and in the answer: the task is copying, not respelling
-        out.append({"instruction": _TASK_TEXT[task], "input": "Words: " + " ".join(words), "output": "Answer: " + ans})
-    return out
 
 
 # ---- tokenized records --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import gptcore.kernels.attention as attn
+import gptcore.kernels.attention_configs as attn_configs
 from gptcore.kernels.attention import attention, dropout_mask
 from gptcore.kernels.reference import attention_ref
 from errcheck import assert_error_within, poison_
@@ -49,7 +50,7 @@ def _poisoned(shape, dtype, device):
 @pytest.fixture(autouse=True)
 def _table_configs_and_poisoned_outputs(monkeypatch):
     """Use the config table (no autotuning) and poison every buffer the kernels must write."""
-    monkeypatch.setattr(attn, "_AUTOTUNE", False)
+    monkeypatch.setattr(attn_configs, "_AUTOTUNE", False)
     monkeypatch.setattr(attn, "_alloc", _poisoned)
 
 
@@ -335,9 +336,9 @@ def test_every_autotune_candidate_is_correct(D):
 
 @pytest.mark.gpu
 def test_autotuning_picks_a_candidate_and_stays_correct(monkeypatch):
-    monkeypatch.setattr(attn, "_AUTOTUNE", True)
-    monkeypatch.setattr(attn, "_TUNED", {})
-    monkeypatch.setattr(attn, "_TUNING_LOG", [])
+    monkeypatch.setattr(attn_configs, "_AUTOTUNE", True)
+    monkeypatch.setattr(attn_configs, "_TUNED", {})
+    monkeypatch.setattr(attn_configs, "_TUNING_LOG", [])
     D, T = 64, 2048
     _check(*_qkv(2, 4, T, T, D, torch.bfloat16, seed=4), causal=True)
     cfg = attn.chosen_config(D, torch.bfloat16, True, T, T)

@@ -195,43 +195,36 @@ def _qkv_case(M, C, H, T, dtype, paged, page=4):
     return x, w, b, g, beta, lengths, table, kc, torch.randn_like(kc)
 
 
+def _check_qkv_append(x, w, b, g, beta, lengths, table, kc, vc, H, dtype):
+    """The fused LN + QKV + cache append against its twin, both judged against the float64 twin:
+    q within the rule, and the keys / values written where the twin writes, untouched elsewhere."""
+    kc2, vc2 = kc.clone(), vc.clone()
+    q = dl.ln_qkv_append(x, g, beta, 1e-5, w, b, kc, vc, lengths, H, block_table=table)
+    q_twin = dl.ln_qkv_append_ref(x, g, beta, 1e-5, w, b, kc2, vc2, lengths, H, block_table=table)
+    d = torch.float64
+    ko, vo = kc2.to(d).clone(), vc2.to(d).clone()
+    q_o = dl.ln_qkv_append_ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), None if b is None else b.to(d),
+                               ko, vo, lengths, H, block_table=table)
+    fl = _floor(q_o, dtype, x.shape[1])
+    assert_error_within(q, q_twin, q_o, atol=fl, name="q")
+    assert_error_within(kc, kc2, ko, atol=fl, name="k cache")
+    assert_error_within(vc, vc2, vo, atol=fl, name="v cache")
+
+
 @pytest.mark.parametrize("M", [1, 3, 17])
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_ln_qkv_append_matches_twin(M, paged, dtype, poisoned):
     C, H, T = 64, 4, 11
     x, w, b, g, beta, lengths, table, kc, vc = _qkv_case(M, C, H, T, dtype, paged)
-    kc2, vc2 = kc.clone(), vc.clone()
-    q = dl.ln_qkv_append(x, g, beta, 1e-5, w, b, kc, vc, lengths, H, block_table=table)
-    q_twin = dl.ln_qkv_append_ref(x, g, beta, 1e-5, w, b, kc2, vc2, lengths, H, block_table=table)
-    d = torch.float64
-    ko, vo = kc.to(d).clone(), vc.to(d).clone()
-    q_o = dl.ln_qkv_append_ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), b.to(d), ko, vo, lengths, H,
-                               block_table=table)
-    fl = _floor(q_o, dtype, C)
-    assert_error_within(q, q_twin, q_o, atol=fl, name="q")
-    # keys / values: written where the twin writes, untouched elsewhere, within the rule
-    ko2, vo2 = kc2.to(d).clone(), vc2.to(d).clone()
-    dl.ln_qkv_append_ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), b.to(d), ko2, vo2, lengths, H,
-                         block_table=table)
-    assert_error_within(kc, kc2, ko2, atol=fl, name="k cache")
-    assert_error_within(vc, vc2, vo2, atol=fl, name="v cache")
+    _check_qkv_append(x, w, b, g, beta, lengths, table, kc, vc, H, dtype)
 
 
 def test_ln_qkv_append_without_bias(poisoned):
     """qkv_bias=False models (small-384, small-480): no bias pointer."""
     C, H, T = 48, 3, 9
     x, w, _b, g, beta, lengths, table, kc, vc = _qkv_case(3, C, H, T, torch.float32, False)
-    kc2, vc2 = kc.clone(), vc.clone()
-    q = dl.ln_qkv_append(x, g, beta, 1e-5, w, None, kc, vc, lengths, H)
-    q_twin = dl.ln_qkv_append_ref(x, g, beta, 1e-5, w, None, kc2, vc2, lengths, H)
-    d = torch.float64
-    ko, vo = kc2.to(d).clone(), vc2.to(d).clone()
-    q_o = dl.ln_qkv_append_ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), None, ko, vo, lengths, H)
-    fl = _floor(q_o, torch.float32, C)
-    assert_error_within(q, q_twin, q_o, atol=fl, name="q")
-    assert_error_within(kc, kc2, ko, atol=fl, name="k cache")
-    assert_error_within(vc, vc2, vo, atol=fl, name="v cache")
+    _check_qkv_append(x, w, None, g, beta, lengths, table, kc, vc, H, torch.float32)
 
 
 @pytest.mark.gpu
@@ -241,17 +234,7 @@ def test_ln_qkv_append_without_bias(poisoned):
 def test_ln_qkv_append_full_size(M, C, H, paged, poisoned):
     dtype = torch.bfloat16
     x, w, b, g, beta, lengths, table, kc, vc = _qkv_case(M, C, H, 40, dtype, paged, page=16)
-    kc2, vc2 = kc.clone(), vc.clone()
-    q = dl.ln_qkv_append(x, g, beta, 1e-5, w, b, kc, vc, lengths, H, block_table=table)
-    q_twin = dl.ln_qkv_append_ref(x, g, beta, 1e-5, w, b, kc2, vc2, lengths, H, block_table=table)
-    d = torch.float64
-    ko, vo = kc2.to(d).clone(), vc2.to(d).clone()
-    q_o = dl.ln_qkv_append_ref(x.to(d), g.to(d), beta.to(d), 1e-5, w.to(d), b.to(d), ko, vo, lengths, H,
-                               block_table=table)
-    fl = _floor(q_o, dtype, C)
-    assert_error_within(q, q_twin, q_o, atol=fl, name="q")
-    assert_error_within(kc, kc2, ko, atol=fl, name="k cache")
-    assert_error_within(vc, vc2, vo, atol=fl, name="v cache")
+    _check_qkv_append(x, w, b, g, beta, lengths, table, kc, vc, H, dtype)
 
 
 # ---- LM head + greedy pick ------------------------------------------------------------------------

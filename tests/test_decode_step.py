@@ -11,6 +11,7 @@ from gptcore import GPT, GPTConfig
 from gptcore.decode_step import FusedDecodeStep, fused_decode_step, why_not
 from gptcore.generate import Generator
 from gptcore.kv_cache import KVCache, PagedKVCache
+from tinymodel import spread_tiny
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -18,14 +19,7 @@ PROMPTS = [[5, 17, 300, 2, 99, 41, 7], [9, 8], [100, 200, 300, 400]]
 
 
 def _model(dtype=torch.float32, **kw):
-    torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=512, tie_weights=False, **kw)
-    m = GPT(cfg, backend="triton")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)  # a wider-spread head so greedy tokens vary
-    return m.to(DEV, dtype).eval()
+    return spread_tiny(512, 0, "triton", **kw).to(DEV, dtype).eval()   # a wider-spread head: greedy tokens vary
 
 
 @pytest.fixture
@@ -41,6 +35,21 @@ def _prefilled(model, cache_cls, prompts):
     cache.set_lengths([len(p) for p in prompts])
     last = torch.tensor([len(p) - 1 for p in prompts], device=DEV)
     return cache, logits[torch.arange(len(prompts), device=DEV), last].argmax(-1)
+
+
+def _three_logits(step, model, oracle_model, caches, inp):
+    """One decode step's logits (B, V) three ways: the fused step on caches[0], the model's forward
+    on caches[1] and the oracle model's on caches[2], each cache reserving the step's position."""
+    ca, cb, co = caches
+    for c in caches:
+        c.reserve(1)
+    with ca.external_reservation():
+        fused = step.logits(inp)
+    with cb.external_reservation():
+        ref = model(inp, kv_cache=cb)[:, -1]
+    with co.external_reservation():
+        oracle = oracle_model(inp, kv_cache=co)[:, -1]
+    return fused, ref, oracle
 
 
 @pytest.mark.parametrize("cache_cls", [KVCache, PagedKVCache])
@@ -62,14 +71,7 @@ def test_fused_step_matches_model_step(cache_cls, fused_on):
     assert step is not None, why
     for _ in range(2):
         inp = tok[:, None].clone()
-        for c in (ca, cb, co):
-            c.reserve(1)
-        with ca.external_reservation():
-            fused_logits = step.logits(inp)
-        with cb.external_reservation():
-            ref_logits = model(inp, kv_cache=cb)[:, -1]
-        with co.external_reservation():
-            oracle = oracle_model(inp, kv_cache=co)[:, -1]
+        fused_logits, ref_logits, oracle = _three_logits(step, model, oracle_model, (ca, cb, co), inp)
         assert_error_within(fused_logits, ref_logits, oracle, atol=1e-4, name="logits")
         assert torch.equal(ca.lengths, cb.lengths)
         tok = ref_logits.argmax(-1)
@@ -161,15 +163,7 @@ def test_gpu_fused_bf16_logits_within_rule(preset, B):
     cb, _ = _prefilled(model, KVCache, prompts)
     co, _ = _prefilled(oracle_model, KVCache, prompts)
     step = FusedDecodeStep(model, ca)
-    inp = tok[:, None].clone()
-    for c in (ca, cb, co):
-        c.reserve(1)
-    with ca.external_reservation():
-        fused = step.logits(inp)
-    with cb.external_reservation():
-        ref = model(inp, kv_cache=cb)[:, -1]
-    with co.external_reservation():
-        oracle = oracle_model(inp, kv_cache=co)[:, -1]
+    fused, ref, oracle = _three_logits(step, model, oracle_model, (ca, cb, co), tok[:, None].clone())
     assert_error_within(fused, ref, oracle, atol=1e-2, name=f"{preset} bf16 logits")
 
 

@@ -20,7 +20,9 @@ from errcheck import assert_error_within
 from gptcore import GPT, GPTConfig
 from gptcore.generate import Generator, filter_logits, generate, sample
 from gptcore.kernels.reference import attention_ref, decode_attention_ref
-from gptcore.kv_cache import KVCache, PagedKVCache
+from gptcore.kv_cache import ATTENTION_IMPLS, KVCache, PagedKVCache
+from gptcore.ops import cached_decode_attention
+from tinymodel import spread_tiny
 
 ON_GPU = torch.cuda.is_available()
 DEV = "cuda" if ON_GPU else "cpu"
@@ -30,14 +32,7 @@ PROMPTS = [[5, 17, 300, 2, 99, 41, 7], [9, 8], [100, 200, 300, 400], [3]]
 def _model(backend="torch", pos_emb="learned", seed=0, **kw):
     """Tiny model with an untied, wider-spread head so greedy tokens vary (a random tied GPT-2
     mostly repeats its input token, which would make token-equality tests too easy)."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=512, tie_weights=False, pos_emb=pos_emb, **kw)
-    m = GPT(cfg, backend=backend)
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return m.eval()
+    return spread_tiny(512, seed, backend, pos_emb=pos_emb, **kw)
 
 
 # ---- decode attention ---------------------------------------------------------------------------
@@ -138,6 +133,36 @@ def test_decode_attention_appends_new_key(B, H, T, D, splits, paged):
     assert torch.equal(out, want), (out - want).abs().max()
     with pytest.raises(ValueError, match="v_new must be given"):
         decode_attention(q, kc, vc, lengths, block_table=table if paged else None, k_new=k_new)
+
+
+@pytest.mark.parametrize("attention", ATTENTION_IMPLS)
+@pytest.mark.parametrize("cache_cls", [KVCache, PagedKVCache])
+def test_cached_decode_attention_reads_what_the_cache_stored(cache_cls, attention):
+    """gptcore.ops.cached_decode_attention over the cache protocol: the step's k, v land at each
+    sequence's own position (gather reads them back) and q attends over exactly lengths + 1 keys."""
+    B, H, D, T0, n_layers = 3, 2, 16, 9, 2
+    cache = cache_cls(n_layers, H, D, B, 32, device=DEV, attention=attention)
+    cache.advance(T0)
+    k0, v0 = torch.randn(B, H, T0, D, device=DEV), torch.randn(B, H, T0, D, device=DEV)
+    for layer in range(n_layers):
+        cache.update(layer, k0, v0)
+    lens = [5, 1, 9]
+    cache.set_lengths(lens)
+    cache.advance(1)
+    q, k, v = (torch.randn(B, H, 1, D, device=DEV) for _ in range(3))
+    out = cached_decode_attention(cache, 1, q, k, v)                       # (B, H, 1, D)
+    pad = torch.zeros(B, H, 1, D, device=DEV)
+    k_seq, v_seq = torch.cat([k0, pad], 2), torch.cat([v0, pad], 2)         # (B, H, T0 + 1, D)
+    rows, pos = torch.arange(B, device=DEV), torch.tensor(lens, device=DEV)
+    k_seq[rows, :, pos], v_seq[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+    lengths = pos + 1
+    assert cache.lengths.tolist() == lengths.tolist()
+    k_all, v_all = cache.gather(1, T0 + 1)
+    mask = (torch.arange(T0 + 1, device=DEV)[None, :] < lengths[:, None])[:, None, :, None]
+    assert torch.equal(k_all * mask, k_seq * mask) and torch.equal(v_all * mask, v_seq * mask)
+    oracle = _loop_oracle(q, k_seq, v_seq, lengths)
+    assert_error_within(out, decode_attention_ref(q, k_seq, v_seq, lengths), oracle, atol=1e-6,
+                        name=f"{cache_cls.__name__} {attention}")
 
 
 @pytest.mark.parametrize("B,V", [(1, 50257), (3, 7), (5, 4097), (2, 1), (4, 2048)])

@@ -34,20 +34,14 @@ from gptcore.generate import generate  # noqa: E402
 from gptcore.serve import Engine, EngineFull, ParamError, SamplingParams  # noqa: E402
 from gptcore.serve.api import create_app, render_chat  # noqa: E402
 from gptcore.tokenizer import get_encoding  # noqa: E402
+from tinymodel import spread_tiny  # noqa: E402
 
 CTX = 128
 
 
 def _model(vocab=50257, seed=0):
     """Tiny untied model with widened weights, so greedy tokens vary and near-ties are rare."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig.from_preset("tiny", vocab_size=vocab, tie_weights=False, context_length=CTX)
-    m = GPT(cfg, backend="torch")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return m.eval()
+    return spread_tiny(vocab, seed, context_length=CTX)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,6 @@ Modules: sampling (device-side sampling and one call's request), generator (the 
 """
 from gptcore.generate.cli import main
 from gptcore.generate.generator import Generator, generate
-from gptcore.generate.sampling import _argmax, filter_logits, sample
+from gptcore.generate.sampling import filter_logits, sample
 
 __all__ = ["Generator", "generate", "filter_logits", "sample", "main"]

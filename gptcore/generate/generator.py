@@ -24,7 +24,7 @@ How a call runs:
            sequence has hit a stop token (a device-side done flag), and for streaming, which
            copies each step's tokens to pinned memory and hands them over one step late.
   graph    on CUDA the decode step is captured once per (batch, cache, sampling settings) in a
-           torch.cuda.CUDAGraph and replayed: a static token buffer in, the next token out. The
+           CUDA graph (gptcore.captured_step) and replayed: a static token buffer in, the next token out. The
            host keeps the cache's shadow counters (``reserve(1)``, which also hands out paged
            blocks) and draws the sampling noise before each replay. Elsewhere (CPU, no cache,
            cuda_graph=False, or a failed capture) the same step runs eagerly and ``stats`` says why.
@@ -46,16 +46,16 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from gptcore.generate.sampling import (Prompts, StreamFn, _as_prompt_lists, _check_sampling, _Request, _Streamer,
-                                      sample)
+from gptcore.captured_step import CapturedStep, try_capture
 from gptcore.decode_step import fused_decode_step
+from gptcore.generate.sampling import Prompts, StreamFn, _as_prompt_lists, _check_sampling, _Request
 from gptcore.kv_cache import KVCache, PagedKVCache
 
 
 # ---- the generator ----------------------------------------------------------------------------
 class _Graph:
-    """A captured decode step and the static buffers it reads and writes (fused: the fused decode
-    step whose buffers the graph uses, or None and why_unfused says why)."""
+    """A decode step's static buffers and, once captured, its CapturedStep ``graph`` (fused: the
+    fused decode step whose buffers the graph uses, or None and why_unfused says why)."""
 
     def __init__(self, graph, tok, done, noise):
         self.graph, self.tok, self.done, self.noise = graph, tok, done, noise
@@ -63,7 +63,7 @@ class _Graph:
 
 
 class _Prefill:
-    """A captured prefill (or why there is none) and its static buffers."""
+    """A captured prefill (its CapturedStep ``graph``, or why there is none) and its static buffers."""
 
     def __init__(self, padded, last, noise):
         self.padded, self.last, self.noise = padded, last, noise
@@ -261,12 +261,11 @@ class Generator:
             if state.noise is not None:
                 state.noise.exponential_(generator=req.rng)
             if graph_ok and state.graph is None:
-                try:
-                    state.graph = self._capture(cache, state, step)
+                state.graph, why = self._capture(cache, state, step)
+                if state.graph is None:
+                    graph_ok, mode = False, why
+                else:
                     self._graphs[key] = state
-                except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-                    graph_ok, mode = False, f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
-                    torch.cuda.synchronize()
             if state.graph is not None and graph_ok:
                 state.graph.replay()
             else:
@@ -314,8 +313,7 @@ class Generator:
             pre.last.copy_(last)
             if noise is not None:
                 pre.noise.exponential_(generator=req.rng)
-            pre.graph.replay()
-            return pre.out, "cuda-graph"
+            return pre.graph.replay(), "cuda-graph"
         if noise is not None:
             noise.exponential_(generator=req.rng)
         first = run(padded, last, noise)
@@ -325,38 +323,32 @@ class Generator:
             return first, pre.why
         pre = _Prefill(padded.clone(), last.clone(), None if noise is None else torch.empty_like(noise))
         pre.arange = arange
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with cache.external_reservation(), torch.cuda.graph(graph):  # records only; nothing runs
-                pre.out = run(pre.padded, pre.last, pre.noise)
-            pre.graph = graph
+        # records only (the eager run above warmed up); a failed capture only means: keep prefilling eagerly
+        graph, why = try_capture(lambda: run(pre.padded, pre.last, pre.noise), warmup=False,
+                                 context=cache.external_reservation())
+        if graph is not None:
+            pre.graph, pre.out = graph, graph.out
             mode = "eager (captured for the next call of this shape)"
-        except Exception as e:  # noqa: BLE001 - a failed capture only means: keep prefilling eagerly
-            torch.cuda.synchronize()
+        else:
             pre = _Prefill(None, None, None)
-            pre.why = mode = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
+            pre.why = mode = why
         self._prefills[key] = pre
         while len(self._prefills) > self.MAX_PREFILL_GRAPHS:
             self._prefills.pop(next(iter(self._prefills)))
         return first, mode
 
-    def _capture(self, cache, state: _Graph, step) -> torch.cuda.CUDAGraph:
-        """Warm the step up once on a side stream (compiles/tunes kernels), undo its effects, capture it."""
+    def _capture(self, cache, state: _Graph, step) -> tuple[Optional[CapturedStep], str]:
+        """The step captured (or None and why): warmed up once on a side stream (it writes the slot
+        the first replay writes again), its effects on the cache lengths, token and done flags undone
+        (also when the warm-up fails: the eager fallback must start from the same state)."""
         saved = (cache.save_lengths(), state.tok.clone(), state.done.clone())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(side):
-                step()  # writes the slot the first replay will write again
-        finally:  # also when the warm-up fails: the eager fallback must start from the same state
-            torch.cuda.current_stream().wait_stream(side)
+
+        def undo():
             cache.restore_lengths(saved[0])
             state.tok.copy_(saved[1])
             state.done.copy_(saved[2])
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        return graph
+
+        return try_capture(step, undo=undo)
 
     # ---- beam search -------------------------------------------------------------------------
     @torch.no_grad()

@@ -110,6 +110,18 @@ def load_safetensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Ten
         raise FormatError(f"{path}: not a readable safetensors file ({last_line(e)})") from None
 
 
+def existing_path(path: PathLike) -> Path:
+    """``path`` (``~`` expanded), or a CheckpointError saying why it cannot be opened or does not exist."""
+    p = Path(path).expanduser()
+    try:
+        exists = p.exists()
+    except OSError as e:  # a symlink loop, a name too long
+        raise CheckpointError(f"checkpoint {p} cannot be opened ({e.strerror or e})") from None
+    if not exists:
+        raise CheckpointError(f"checkpoint {p} does not exist (no such file or folder)")
+    return p
+
+
 def read_json(path: PathLike) -> dict:
     try:
         d = json.loads(Path(path).read_text())

@@ -30,8 +30,8 @@ import torch
 
 from gptcore.config import PRESETS, GPTConfig
 from gptcore.io import hf, train_ckpt
-from gptcore.io.common import (FORMAT_VERSION, TORCH_SUFFIXES, WRAPPER_PREFIXES, Checkpoint, CheckpointError, ConfigSpec, FormatError, PathLike, clip,
-                               load_safetensors, read_json, strip_prefixes, torch_load)
+from gptcore.io.common import (FORMAT_VERSION, TORCH_SUFFIXES, WRAPPER_PREFIXES, Checkpoint, ConfigSpec, FormatError,
+                               PathLike, clip, existing_path, load_safetensors, read_json, strip_prefixes, torch_load)
 from gptcore.io.weights import expected_shapes, finish_state_dict, infer_config_fields, model_state_dict, unwrap
 
 GPTCORE_WEIGHTS = "model.safetensors"
@@ -48,13 +48,7 @@ def read_checkpoint(path: PathLike, trust_pickle: bool = False, config: ConfigSp
     through it. ``config`` is needed only for weights that carry none; ``verify`` checks a training
     checkpoint's SHA-256s; ``trust_pickle`` allows full unpickling (only for files you trust).
     """
-    p = Path(path).expanduser()
-    try:
-        exists = p.exists()
-    except OSError as e:  # a symlink loop, a name too long
-        raise CheckpointError(f"checkpoint {p} cannot be opened ({e.strerror or e})") from None
-    if not exists:
-        raise CheckpointError(f"checkpoint {p} does not exist (no such file or folder)")
+    p = existing_path(path)
     if train_ckpt.is_training_checkpoint(p):
         return train_ckpt.load_checkpoint(p, load_state=False, verify=verify)
     if p.is_dir():

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from gptcore.config import GPTConfig
-from gptcore.io.common import FORMAT_VERSION, Checkpoint, CheckpointError
+from gptcore.io.common import FORMAT_VERSION, Checkpoint, CheckpointError, existing_path
 from gptcore.io.durable import atomic_write_text, fsync_dir, fsync_file, replace_dir, sha256, umask
 from gptcore.io.weights import finish_state_dict, model_state_dict
 
@@ -177,13 +177,7 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int, only=None) -> 
 # ---- load -------------------------------------------------------------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint directory, or a run directory (follows its ``latest``)."""
-    p = Path(path).expanduser()
-    try:
-        exists = p.exists()
-    except OSError as e:  # a symlink loop, a name too long
-        raise CheckpointError(f"checkpoint {p} cannot be opened ({e.strerror or e})") from None
-    if not exists:
-        raise CheckpointError(f"checkpoint {p} does not exist (no such file or folder)")
+    p = existing_path(path)
     if p.is_file() and p.name in (META_FILE, MODEL_FILE, STATE_FILE):
         p = p.parent
     if (p / META_FILE).is_file() or (p / MODEL_FILE).is_file():

@@ -29,6 +29,9 @@ unknown fields, wrong types, out-of-range values, an empty or too long prompt, m
 does not fit the context. An unknown model is a 404. A full queue (or a draining server) is a
 503 with Retry-After. A client that disconnects cancels its requests at once (the engine frees
 their blocks in its next step).
+
+One cohesive thing, hence ~500 lines: the HTTP surface of the engine (request schemas, their
+errors, the endpoints and their streams); the engine itself is gptcore.serve.engine.
 """
 from __future__ import annotations
 

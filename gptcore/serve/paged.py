@@ -19,9 +19,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-
-from gptcore.kernels.reference import decode_attention_ref
 
 
 class Stage:
@@ -132,7 +129,8 @@ class BlockPool:
 
 
 class BatchView:
-    """The model's cache protocol (advance / update / decode) over some rows of the paged storage.
+    """The model's cache protocol (gptcore.kv_cache: advance / update and what
+    gptcore.ops.cached_decode_attention reads) over some rows of the paged storage.
 
     table (B, mb) int32 block ids, write (B,) first position each row writes, lengths (B,) keys
     each row attends to after this call; host_start: the (common) first position of a prefill
@@ -142,6 +140,7 @@ class BatchView:
     def __init__(self, engine, table, write, lengths, T: int, host_start: int):
         self.e = engine
         self.max_seq_len = engine.max_seq_len
+        self.attention = engine.attention
         self.table, self.write, self.lengths = table, write, lengths
         self.T, self.host_start = T, host_start
 
@@ -149,34 +148,32 @@ class BatchView:
         return self.write[:, None] + self.e._offsets[:T]                # (B, T)
 
     def update(self, layer: int, k, v):
-        kc, vc = self.e.storage[layer, 0], self.e.storage[layer, 1]
-        self.e._ops.paged_append(kc, vc, k, v, self.table, self.write, False)
+        self.store(layer, k, v)
         if self.host_start == 0:
             return k, v
-        n = self.host_start + k.shape[2]
+        return self.gather(layer, self.host_start + k.shape[2])
+
+    # ---- what the decode attention reads ----------------------------------------------------
+    def layer_kv(self, layer: int):
+        return self.e.storage[layer, 0], self.e.storage[layer, 1]       # 2 x (num_blocks + 1, H, bs, D)
+
+    def block_rows(self):
+        return self.table
+
+    def store(self, layer: int, k, v) -> None:
+        kc, vc = self.layer_kv(layer)
+        self.e._ops.paged_append(kc, vc, k, v, self.table, self.write, False)
+
+    def gather(self, layer: int, n: int):
+        kc, vc = self.layer_kv(layer)
         return (self.e._ops.paged_gather(kc, self.table, self.lengths, n),
                 self.e._ops.paged_gather(vc, self.table, self.lengths, n))
 
-    def decode(self, layer: int, q, k, v):
-        e = self.e
-        kc, vc = e.storage[layer, 0], e.storage[layer, 1]
-        if e.attention == "triton":
-            from gptcore.kernels.decode_attention import decode_attention
+    def capacity(self) -> int:
+        return self.table.shape[1] * self.e.block_size
 
-            if k.dtype == kc.dtype:
-                return decode_attention(q, kc, vc, self.lengths, block_table=self.table, k_new=k, v_new=v)
-        e._ops.paged_append(kc, vc, k, v, self.table, self.write, False)
-        if e.attention == "triton":
-            from gptcore.kernels.decode_attention import decode_attention
-
-            return decode_attention(q, kc, vc, self.lengths, block_table=self.table)
-        if e.attention == "reference":
-            return decode_attention_ref(q, kc, vc, self.lengths, block_table=self.table)
-        n = self.table.shape[1] * e.block_size
-        k_all = e._ops.paged_gather(kc, self.table, self.lengths, n)
-        v_all = e._ops.paged_gather(vc, self.table, self.lengths, n)
-        mask = e._offsets[:n][None, :] < self.lengths[:, None]
-        return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None, None, :])
+    def positions(self, n: int) -> torch.Tensor:
+        return self.e._offsets[:n]
 
 
 class DecodeGraph:
@@ -188,8 +185,7 @@ class DecodeGraph:
     def __init__(self, B: int, pad_slot: int, device):
         self.inp = torch.zeros((2, B), dtype=torch.long, device=device)
         self.inp[0] = pad_slot
-        self.graph = None
-        self.logits = None
+        self.step = None        # the CapturedStep; its output: logits (B, V)
 
 
 class PrefillGraph:
@@ -200,5 +196,4 @@ class PrefillGraph:
     def __init__(self, Rb: int, Tb: int, pad_slot: int, device):
         self.inp = torch.zeros((Rb, Tb + 1), dtype=torch.long, device=device)
         self.inp[:, Tb] = pad_slot
-        self.graph = None
-        self.logits = None      # the graph's output: hidden states (Rb, Tb, C)
+        self.step = None        # the CapturedStep; its output: hidden states (Rb, Tb, C)

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from gptcore import _ext
+from gptcore.captured_step import try_capture
 from gptcore.kv_cache import default_attention
 from gptcore.serve.paged import BatchView, BlockPool, DecodeGraph, PrefillGraph, Stage
 from gptcore.serve.requests import Seq
@@ -142,25 +143,13 @@ class ModelRunner:
 
         if self.device.type != "cuda":
             return body()[:R]       # the padded bucket forward without a graph (tests run it on the CPU)
-        if g.graph is None:
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    body()                                                  # warm-up (same writes)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    g.logits = body()
-                g.graph = graph
-                self._pgraphs[(Rb, Tb)] = g
-            except Exception as e:  # noqa: BLE001 - no prefill graphs: prefill runs eagerly from now on
-                torch.cuda.synchronize()
-                self.prefill_graphs = False
-                self.prefill_note = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
+        if g.step is None:
+            g.step, why = try_capture(body)                        # the warm-up makes the same writes
+            if g.step is None:  # no prefill graphs: prefill runs eagerly from now on
+                self.prefill_graphs, self.prefill_note = False, why
                 return body()[:R]
-        g.graph.replay()
-        return g.logits[:R]
+            self._pgraphs[(Rb, Tb)] = g
+        return g.step.replay()[:R]
 
     def last_logits(self, hidden: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
         """LM head over hidden[rows[i], cols[i]]: (len(rows), V), in one matmul."""
@@ -234,25 +223,13 @@ class ModelRunner:
             view = BatchView(self, self.pool.table.index_select(0, slot), write, write + 1, 1, -1)
             return self.model(self._last_tok.index_select(0, slot)[:, None], kv_cache=view)[:, -1]
 
-        if g.graph is None:
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    body()                                                  # warm-up (same writes)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    g.logits = body()
-                g.graph = graph
-                self._graphs[Bb] = g
-            except Exception as e:  # noqa: BLE001 - no graph: this and later steps run eagerly
-                torch.cuda.synchronize()
-                self.cuda_graphs = False
-                self.graph_note = f"eager (CUDA graph capture failed: {type(e).__name__}: {e})"
+        if g.step is None:
+            g.step, why = try_capture(body)                        # the warm-up makes the same writes
+            if g.step is None:  # no graph: this and later steps run eagerly
+                self.cuda_graphs, self.graph_note = False, why
                 return body()[:B]
-        g.graph.replay()
-        return g.logits[:B]
+            self._graphs[Bb] = g
+        return g.step.replay()[:B]
 
     # ---- sampling ----------------------------------------------------------------------------
     def sample(self, seqs: list[Seq], logits: torch.Tensor) -> Launched:

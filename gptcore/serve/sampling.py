@@ -25,7 +25,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from gptcore.generate import _argmax, filter_logits
+from gptcore.generate.sampling import _argmax, filter_logits
 
 MAX_LOGPROBS = 20  # top alternatives one token may report (OpenAI's chat limit)
 

@@ -258,13 +258,20 @@ class Trainer(StateMixin, StepMixin, ReportMixin):
             self._summary({}, {}, 0.0, signum)
         return TrainResult(self.out_dir, self.step, self.tokens, {}, {}, self.best_val, self.last_ckpt, signum)
 
-    @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean loss over the fixed val windows (shared out over ranks)."""
+    def _eval_totals(self) -> Optional[torch.Tensor]:
+        """The start of an evaluation: None without val batches, else the model in eval mode and
+        the (2,) float64 totals [loss sum, count] the evaluation adds into."""
         if not self.eval_batches:
             return None
         self.model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
+        return torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over the fixed val windows (shared out over ranks)."""
+        tot = self._eval_totals()
+        if tot is None:
+            return None
         idx = list(range(self.dist.rank, len(self.eval_batches), self.dist.world))
         n_mine = len(idx)
         if self.fsdp:  # every rank must run as many forwards (each all-gathers): short ranks repeat one, uncounted
