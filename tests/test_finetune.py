@@ -387,3 +387,59 @@ def test_bench_finetune_smoke_writes_json(tmp_path):
     rows = {r["impl"]: r for r in res["rows"]}
     assert set(rows) == {"full-sft-rows", "lora"} and all(r["tokens_per_s"] > 0 for r in rows.values())
     assert rows["lora"]["trainable_params"] < rows["full-sft-rows"]["trainable_params"] / 50
+
+
+# ---- LoRA's saved activations ------------------------------------------------------------------------------
+def lora_step(backend, dev, bf16: bool, remake: bool, count_saved: bool = False):
+    """One masked loss + backward of a LoRA micro model -> (loss, lora grads, bytes of the activations
+    saved for backward: storages of saved tensors over the batch's rows, each counted once)."""
+    from gptcore.lora import cast_base
+
+    model = micro_model().set_backend(backend).to(dev).train()
+    apply_lora(model, rank=4, alpha=8, targets="c_attn,c_proj,c_fc")
+    randomize_lora(model)
+    for lay in lora_layers(model).values():
+        lay.remake_inputs = remake
+    if bf16:
+        cast_base(model, torch.bfloat16)
+    x = torch.randint(0, 50257, (3, 29), generator=torch.Generator().manual_seed(0)).to(dev)
+    y = x.clone()
+    y[:, :9] = IGNORE_INDEX
+    seen = {}
+
+    def pack(t):
+        if t.dim() and t.shape[0] in (x.shape[0], x.numel()):  # (B, ...) or (B * T, ...): not weights
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.loss(x, y)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, sum(seen.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lora_inputs_recomputed_in_backward_give_the_same_gradients(backend, bf16, device):
+    dev = device if backend == "triton" else "cpu"
+    want_loss, want, _ = lora_step(backend, dev, bf16, remake=False)
+    got_loss, got, _ = lora_step(backend, dev, bf16, remake=True)
+    assert set(got) == set(want) and all(".lora_" in k for k in got) and len(got) == 2 * 4 * 2
+    exact = dict(rtol=0, atol=0) if dev == "cpu" else dict(rtol=1e-2 if bf16 else 1e-5, atol=1e-6)
+    torch.testing.assert_close(got_loss, want_loss, **exact)
+    for k in want:  # on the CPU bit for bit: the same ops on the same inputs, in the same dtypes
+        torch.testing.assert_close(got[k], want[k], **exact, msg=k)
+
+
+def test_lora_stores_no_input_that_it_can_recompute(device):
+    # the triton backend's LayerNorm and GELU save h and the GELU's input for their own backward:
+    # from those the LoRA layers behind them recompute their inputs instead of storing them
+    *_, stored = lora_step("triton", device, True, remake=False)
+    *_, lean = lora_step("triton", device, True, remake=True)
+    rows, C, L = 3 * 29, 32, 2
+    # per layer the two LN outputs (C wide; not the first layer's ln_1, whose input, the frozen
+    # embedding, needs no gradient, so nothing is saved for it) and the GELU output (4C), in bf16
+    assert stored - lean == ((2 * L - 1) * C + L * 4 * C) * rows * 2, (stored, lean)
+    assert lean < 0.75 * stored
