@@ -15,6 +15,14 @@ On every backend the base keeps its fast path: c_attn's output still feeds the t
 place and c_fc's still goes through the backend's fused bias+GELU (model.MLP adds the term before
 the bias; see ``LoRALinear.add_lora``).
 
+Memory. A frozen base Linear needs no saved input (there is no weight gradient), but lora_A's
+gradient does: s (g B)^T x. Behind a LayerNorm (c_attn, c_fc) or the GELU (the MLP's c_proj) x is
+a cheap elementwise function of a tensor that op saves for its own backward anyway (the LN input
+h; the GELU input), so, training, ``_LoRAFn`` stores that recipe (gptcore.model passes it as
+``remake``) and recomputes x in backward: the same gradients, bit for bit on the CPU, without the
+two LN outputs and the 4C-wide GELU output per block (on the triton backend, whose GELU saves its
+input; torch's F.gelu saves x + b instead, so there the GELU's case only trades one tensor for another).
+
 Targets: ``c_attn``, ``c_proj`` (both the attention's and the MLP's, as PEFT matches suffixes),
 ``attn.c_proj``, ``mlp.c_proj``, ``c_fc``. The LM head (tied to the token embedding) is not a target.
 
