@@ -90,15 +90,16 @@ class LoRALinear(nn.Linear):
         tensors the op in front of this layer saves anyway (gptcore.model passes its LayerNorm and
         GELU); while training a frozen base, x is then recomputed in backward instead of stored."""
         b = self.bias if bias else None
-        if self.lean(x, remake):
+        if self.lean(remake):
             return _LoRAFn.apply(x, self.weight, b, self.lora_A, self.lora_B, self.scaling, remake)
         return self.add_lora(F.linear(x, self.weight, b), x)
 
-    def lean(self, x: torch.Tensor, remake: Optional[tuple]) -> bool:
+    def lean(self, remake: Optional[tuple]) -> bool:
         """Whether forward takes _LoRAFn: training a frozen base (no dropout on the branch, not traced
-        by torch.compile) with x recomputable from saved tensors."""
-        return (self.remake_inputs and remake is not None and torch.is_grad_enabled() and isinstance(remake[1], torch.Tensor)
-                and remake[1].requires_grad and not self.weight.requires_grad
+        by torch.compile) with x recomputable from tensors that need a gradient (so the op that made
+        x from them saved them)."""
+        return (self.remake_inputs and remake is not None and torch.is_grad_enabled()
+                and isinstance(remake[1], torch.Tensor) and remake[1].requires_grad and not self.weight.requires_grad
                 and (self.bias is None or not self.bias.requires_grad)
                 and not isinstance(self.lora_dropout, nn.Dropout) and not torch.compiler.is_compiling())
 
@@ -130,7 +131,6 @@ class _LoRAFn(torch.autograd.Function):
         ctx.remake, ctx.scaling, ctx.dtypes = fn, scaling, (u.dtype, out.dtype, x.dtype)
         dev = x.device.type
         ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.n_src = len(src)
         tensors = [t if isinstance(t, torch.Tensor) else None for t in src]
         ctx.consts = [None if isinstance(t, torch.Tensor) else t for t in src]
         ctx.save_for_backward(weight, A, B, u2, *tensors)
