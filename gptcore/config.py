@@ -135,4 +135,6 @@ PRESETS: dict[str, GPTConfig] = {
     "small-480": GPTConfig(emb_dim=480, n_heads=12, n_layers=12, context_length=256, qkv_bias=False),
     # Minimal model for tests and the CPU quickstart.
     "tiny": GPTConfig(emb_dim=64, n_heads=4, n_layers=2, context_length=64),
+    # A little more than tiny, for CPU demos that must learn something (gptcore.finetune's offline default).
+    "mini": GPTConfig(emb_dim=128, n_heads=4, n_layers=4, context_length=64),
 }

@@ -15,6 +15,14 @@ On every backend the base keeps its fast path: c_attn's output still feeds the t
 place and c_fc's still goes through the backend's fused bias+GELU (model.MLP adds the term before
 the bias; see ``LoRALinear.add_lora``).
 
+Memory. A frozen base Linear needs no saved input (there is no weight gradient), but lora_A's
+gradient does: s (g B)^T x. Behind a LayerNorm (c_attn, c_fc) or the GELU (the MLP's c_proj) x is
+a cheap elementwise function of a tensor that op saves for its own backward anyway (the LN input
+h; the GELU input), so, training, ``_LoRAFn`` stores that recipe (gptcore.model passes it as
+``remake``) and recomputes x in backward: the same gradients, bit for bit on the CPU, without the
+two LN outputs and the 4C-wide GELU output per block (on the triton backend, whose GELU saves its
+input; torch's F.gelu saves x + b instead, so there the GELU's case only trades one tensor for another).
+
 Targets: ``c_attn``, ``c_proj`` (both the attention's and the MLP's, as PEFT matches suffixes),
 ``attn.c_proj``, ``mlp.c_proj``, ``c_fc``. The LM head (tied to the token embedding) is not a target.
 
@@ -53,6 +61,10 @@ class LoRAError(ValueError):
 class LoRALinear(nn.Linear):
     """An nn.Linear (same weight and bias parameters, same state_dict names) plus a LoRA term."""
 
+    # training a frozen base, recompute the input in backward where the model says how (forward's
+    # remake) rather than store it; False: autograd over add_lora, which stores it (the reference)
+    remake_inputs = True
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
@@ -73,8 +85,23 @@ class LoRALinear(nn.Linear):
         return torch.addmm(out.reshape(-1, shape[-1]), u.reshape(-1, self.rank).to(out.dtype),
                            self.lora_B.to(out.dtype).t()).view(shape)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.add_lora(F.linear(x, self.weight, self.bias), x)
+    def forward(self, x: torch.Tensor, remake: Optional[tuple] = None, bias: bool = True) -> torch.Tensor:
+        """x W^T (+ b) + the LoRA term. ``remake`` = (fn, *src): x == fn(*src), recomputable from
+        tensors the op in front of this layer saves anyway (gptcore.model passes its LayerNorm and
+        GELU); while training a frozen base, x is then recomputed in backward instead of stored."""
+        b = self.bias if bias else None
+        if self.lean(remake):
+            return _LoRAFn.apply(x, self.weight, b, self.lora_A, self.lora_B, self.scaling, remake)
+        return self.add_lora(F.linear(x, self.weight, b), x)
+
+    def lean(self, remake: Optional[tuple]) -> bool:
+        """Whether forward takes _LoRAFn: training a frozen base (no dropout on the branch, not traced
+        by torch.compile) with x recomputable from tensors that need a gradient (so the op that made
+        x from them saved them)."""
+        return (self.remake_inputs and remake is not None and torch.is_grad_enabled()
+                and isinstance(remake[1], torch.Tensor) and remake[1].requires_grad and not self.weight.requires_grad
+                and (self.bias is None or not self.bias.requires_grad)
+                and not isinstance(self.lora_dropout, nn.Dropout) and not torch.compiler.is_compiling())
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B A, (out, in) fp32: what merging adds to the weight."""
@@ -82,6 +109,48 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora rank={self.rank}, alpha={self.alpha}"
+
+
+class _LoRAFn(torch.autograd.Function):
+    """out = x W^T + b + s (x A^T) B^T over a frozen W, b, as LoRALinear.add_lora computes it, with
+    what the backward needs and no more: u = s x A^T (rows, r) and the tensors x is remade from
+    (``remake`` = (fn, *src), which the op in front of the layer saves for its own backward), not x.
+
+    The gradients are autograd's of the unfused ops (dx = g W + s (g B) A, dA = s (g B)^T x,
+    dB = g^T u), in the same dtypes; x is recomputed under the forward's autocast state.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling, remake):
+        out = F.linear(x, weight, bias)  # the caller's autocast applies, as in add_lora
+        u = F.linear(x, A.to(x.dtype)) * scaling  # (..., r)
+        shape = out.shape
+        u2 = u.reshape(-1, A.shape[0]).to(out.dtype)
+        out = torch.addmm(out.reshape(-1, shape[-1]), u2, B.to(out.dtype).t()).view(shape)
+        fn, *src = remake
+        ctx.remake, ctx.scaling, ctx.dtypes = fn, scaling, (u.dtype, out.dtype, x.dtype)
+        dev = x.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        tensors = [t if isinstance(t, torch.Tensor) else None for t in src]
+        ctx.consts = [None if isinstance(t, torch.Tensor) else t for t in src]
+        ctx.save_for_backward(weight, A, B, u2, *tensors)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, A, B, u2, *tensors = ctx.saved_tensors
+        u_dt, out_dt, x_dt = ctx.dtypes
+        src = [t if t is not None else c for t, c in zip(tensors, ctx.consts)]
+        dev, ac, ac_dt = ctx.autocast
+        with torch.no_grad(), torch.autocast(dev, dtype=ac_dt, enabled=ac):
+            x = ctx.remake(*src)
+        g2 = g.reshape(-1, g.shape[-1])
+        gu = (g2 @ B.to(out_dt)).to(u_dt) * ctx.scaling  # d(x A^T): (rows, r)
+        x2 = x.reshape(-1, x.shape[-1])
+        dA = (gu.t() @ x2.to(u_dt)).to(A.dtype)
+        dB = (g2.t() @ u2).to(B.dtype)
+        dx = g2 @ weight.to(out_dt) + gu @ A.to(u_dt)
+        return dx.view(*g.shape[:-1], -1).to(x_dt), None, None, dA, dB, None, None
 
 
 # ---- applying, freezing, merging --------------------------------------------------------------------

@@ -37,11 +37,12 @@ def apply_rope(x, cos, sin):
     return (x * cos + rot * sin).to(x.dtype)
 
 
-def _linear(mod: nn.Linear, x, ops: Ops):
-    """mod(x) through the backend's linear; a LoRA-wrapped module (gptcore.lora) runs its own forward."""
+def _linear(mod: nn.Linear, x, ops: Ops, remake=None):
+    """mod(x) through the backend's linear; a LoRA-wrapped module (gptcore.lora) runs its own forward,
+    told how x can be recomputed (remake = (fn, *src) with x == fn(*src)) so it need not store x."""
     if type(mod) is nn.Linear:
         return ops.linear(x, mod.weight, mod.bias)
-    return mod(x)
+    return mod(x, remake)
 
 
 class CausalSelfAttention(nn.Module):
@@ -53,9 +54,9 @@ class CausalSelfAttention(nn.Module):
         self.drop_rate = cfg.drop_rate
         self.resid_drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, ops: Ops, rope=None, kv_cache=None, layer: int = 0):
+    def forward(self, x, ops: Ops, rope=None, kv_cache=None, layer: int = 0, remake=None):
         B, T, C = x.shape
-        qkv = _linear(self.c_attn, x, ops)  # (B, T, 3C)
+        qkv = _linear(self.c_attn, x, ops, remake)  # (B, T, 3C)
         if kv_cache is None and rope is None and ops.attention_qkv is not None:
             # q, k, v read in place from qkv, and the gradient written as one packed dqkv
             p = self.drop_rate if self.training else 0.0
@@ -86,14 +87,15 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(cfg.ff_dim, cfg.emb_dim)
         self.drop = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x, ops: Ops):
+    def forward(self, x, ops: Ops, remake=None):
         # bias+GELU is one op so the triton backend can fuse it into one pass.
         if hasattr(self.c_fc, "add_lora"):
             # a LoRA adapter (gptcore.lora): the low-rank term joins x W^T before the fused bias+GELU
-            pre = self.c_fc.add_lora(F.linear(x, self.c_fc.weight), x)
-            h = ops.gelu(pre, self.c_fc.bias.to(pre.dtype), out_dtype=pre.dtype)
-        else:
-            h = ops.fc_gelu(x, self.c_fc.weight, self.c_fc.bias)
+            pre = self.c_fc(x, remake, bias=False)
+            bias = self.c_fc.bias.to(pre.dtype)
+            h = ops.gelu(pre, bias, out_dtype=pre.dtype)
+            return self.drop(_linear(self.c_proj, h, ops, (ops.gelu, pre, bias, pre.dtype)))
+        h = ops.fc_gelu(x, self.c_fc.weight, self.c_fc.bias)
         return self.drop(_linear(self.c_proj, h, ops))
 
 
@@ -112,9 +114,9 @@ class Block(nn.Module):
         so the residual adds cost no extra pass. Returns the new (branch, resid).
         """
         y, resid = _add_ln(branch, resid, self.ln_1, ops)
-        branch = self.attn(y, ops, rope, kv_cache, layer)
+        branch = self.attn(y, ops, rope, kv_cache, layer, (_ln_of, resid, self.ln_1, ops.layer_norm, y.dtype))
         y, resid = _add_ln(branch, resid, self.ln_2, ops)
-        return self.mlp(y, ops), resid
+        return self.mlp(y, ops, (_ln_of, resid, self.ln_2, ops.layer_norm, y.dtype)), resid
 
 
 def _add_ln(branch, resid, ln: nn.LayerNorm, ops: Ops):
@@ -125,6 +127,12 @@ def _add_ln(branch, resid, ln: nn.LayerNorm, ops: Ops):
     if branch is None:
         return ops.layer_norm(resid, ln.weight, ln.bias, ln.eps, out_dtype=out_dtype), resid
     return ops.layer_norm(branch, ln.weight, ln.bias, ln.eps, residual=resid, out_dtype=out_dtype)
+
+
+def _ln_of(h, ln: nn.LayerNorm, layer_norm, out_dtype):
+    """ln's output for its input h, as _add_ln gave it: how a LoRA layer (gptcore.lora) behind the LN
+    recomputes its input from the h the LN saves, instead of storing it too."""
+    return layer_norm(h, ln.weight, ln.bias, ln.eps, out_dtype=out_dtype)
 
 
 class GPT(nn.Module):

@@ -487,7 +487,12 @@ def prepare_sft(spec: str = BUILTIN, template: str = "auto", val_fraction: float
 def generate_responses(model, records: Sequence[dict], max_new_tokens: int = 32, template: str = "auto",
                        batch_size: int = 32) -> list[str]:
     """Greedy responses of ``model`` to each record's prompt (stopping at <|endoftext|>); runs under
-    the caller's autocast, if any."""
+    the caller's autocast, if any.
+
+    Prompts are kept whole where they fit: a batch whose longest prompt leaves fewer than
+    ``max_new_tokens`` positions of the context gets a shorter response budget (down to
+    min(max_new_tokens, context // 8)), and only a prompt longer than what is left is cut, from its
+    start, as training cuts it (a cut prompt starts at another position than in training)."""
     from gptcore.generate import Generator
 
     enc = get_encoding("gpt2")
@@ -504,12 +509,10 @@ def generate_responses(model, records: Sequence[dict], max_new_tokens: int = 32,
     try:
         for s in range(0, len(records), batch_size):
             chunk = records[s:s + batch_size]
-            prompts = []
-            for r in chunk:
-                ids = enc.encode(prompt_of(r, template), allowed_special={ENDOFTEXT})
-                prompts.append(ids[-(T - max_new_tokens):] if len(ids) > T - max_new_tokens else ids)
-            new = gen.generate(prompts, max_new_tokens, temperature=0.0, stop_tokens=[enc.eot_token],
-                               use_cache=use_cache)
+            prompts = [enc.encode(prompt_of(r, template), allowed_special={ENDOFTEXT}) for r in chunk]
+            n_new = max(min(max_new_tokens, T - max(map(len, prompts))), min(max_new_tokens, max(1, T // 8)))
+            prompts = [ids[-(T - n_new):] if len(ids) > T - n_new else ids for ids in prompts]
+            new = gen.generate(prompts, n_new, temperature=0.0, stop_tokens=[enc.eot_token], use_cache=use_cache)
             for ids in new:
                 if ids and ids[-1] == enc.eot_token:
                     ids = ids[:-1]
@@ -520,8 +523,12 @@ def generate_responses(model, records: Sequence[dict], max_new_tokens: int = 32,
 
 
 def exact_match(model, records: Sequence[dict], max_new_tokens: int = 16, template: str = "auto") -> float:
-    """Share of records whose greedy response equals the reference (whitespace-stripped)."""
+    """Share of records whose greedy response equals the reference (whitespace-stripped). Generates
+    at most one token more than the longest reference (enough to tell a right answer that stops from
+    one that goes on), so the prompts keep more of the context (see generate_responses)."""
     if not records:
         return float("nan")
-    got = generate_responses(model, records, max_new_tokens, template)
+    enc = get_encoding("gpt2")
+    longest = max(len(enc.encode(answer_of(r, template), allowed_special={ENDOFTEXT})) for r in records)
+    got = generate_responses(model, records, min(max_new_tokens, longest + 1), template)
     return sum(g.strip() == answer_of(r, template).strip() for g, r in zip(got, records)) / len(records)
