@@ -139,7 +139,16 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path):
     assert sorted(resumed) == list(range(1, 21))
     ref = tmp_path / "ref"
     assert T.main(args[:-1] + [str(ref)]) == 0
-    assert metrics(ref) == resumed  # exact: the interrupted run continued as if nothing happened
+    # exact: the interrupted run continued as if nothing happened -- the trained weights bit for bit
+    wr, wo = (load_file(str(d / "ckpt-0000020" / "model.safetensors")) for d in (ref, out))
+    assert wr.keys() == wo.keys() and all(torch.equal(wr[k], wo[k]) for k in wr)
+    # the logged losses too, up to the last bit of a reported value: the reference runs in this process,
+    # whose allocator hands CPU kernels differently aligned buffers than a fresh child's, and a vectorised
+    # loss reduction may round differently with alignment (a CI run saw 4 of 20 values differ in the 7th
+    # digit with identical weights; the weights, which carry any real divergence forward, stay exact)
+    ref_losses = metrics(ref)
+    assert sorted(ref_losses) == sorted(resumed)
+    assert all(math.isclose(ref_losses[s], resumed[s], rel_tol=1e-6) for s in resumed), (ref_losses, resumed)
 
 
 # ---- non-finite steps ---------------------------------------------------------------------------------
