@@ -138,17 +138,14 @@ def test_sigterm_saves_a_checkpoint_and_the_printed_command_resumes(tmp_path):
     resumed = metrics(out)
     assert sorted(resumed) == list(range(1, 21))
     ref = tmp_path / "ref"
-    assert T.main(args[:-1] + [str(ref)]) == 0
-    # exact: the interrupted run continued as if nothing happened -- the trained weights bit for bit
+    # the uninterrupted reference runs in a fresh process too, like the two halves: in this (pytest) process,
+    # state left by earlier tests of a full suite made it differ (seen in CI only, never in isolation)
+    full = subprocess.run([sys.executable, "-m", "gptcore.train", *args[:-1], str(ref)], cwd=tmp_path,
+                          env=child_env(), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    assert metrics(ref) == resumed  # exact: the interrupted run continued as if nothing happened
     wr, wo = (load_file(str(d / "ckpt-0000020" / "model.safetensors")) for d in (ref, out))
-    assert wr.keys() == wo.keys() and all(torch.equal(wr[k], wo[k]) for k in wr)
-    # the logged losses too, up to the last bit of a reported value: the reference runs in this process,
-    # whose allocator hands CPU kernels differently aligned buffers than a fresh child's, and a vectorised
-    # loss reduction may round differently with alignment (a CI run saw 4 of 20 values differ in the 7th
-    # digit with identical weights; the weights, which carry any real divergence forward, stay exact)
-    ref_losses = metrics(ref)
-    assert sorted(ref_losses) == sorted(resumed)
-    assert all(math.isclose(ref_losses[s], resumed[s], rel_tol=1e-6) for s in resumed), (ref_losses, resumed)
+    assert wr.keys() == wo.keys() and all(torch.equal(wr[k], wo[k]) for k in wr)  # and the weights bit for bit
 
 
 # ---- non-finite steps ---------------------------------------------------------------------------------
