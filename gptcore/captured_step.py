@@ -25,6 +25,31 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 
 
+def record(graph: torch.cuda.CUDAGraph, fn: Callable[[], Any], context: Optional[ContextManager] = None) -> Any:
+    """fn() captured into ``graph``; returns its output. When the capture fails, the CUDA RNG is
+    made usable again before the error propagates: a capture that ends in an error leaves each
+    CUDA generator it registered in capture mode (torch's capture_end raises before the generator's
+    epilogue), after which every random op of the process fails with "Offset increment outside graph
+    capture encountered unexpectedly"."""
+    try:
+        with context if context is not None else nullcontext(), torch.cuda.graph(graph):
+            return fn()
+    except BaseException:
+        reset_cuda_rng_after_failed_capture()
+        raise
+
+
+def reset_cuda_rng_after_failed_capture() -> None:
+    """Give every CUDA default generator a fresh state object with the same seed and offset (the
+    stuck state, still in capture mode, stays with the failed graph). Graphs captured earlier keep
+    drawing from the state they captured."""
+    for gen in torch.cuda.default_generators:
+        try:
+            gen.graphsafe_set_state(gen.clone_state())
+        except RuntimeError:  # a device never initialised has no state to repair
+            pass
+
+
 class CapturedStep:
     """fn captured in a CUDA graph (after ``capture``) with its static output ``out``."""
 
@@ -47,8 +72,7 @@ class CapturedStep:
                 if undo is not None:
                     undo()
         graph = torch.cuda.CUDAGraph()
-        with context if context is not None else nullcontext(), torch.cuda.graph(graph):
-            out = self.fn()
+        out = record(graph, self.fn, context)
         self.graph, self.out = graph, out
         return out
 

@@ -35,6 +35,7 @@ from typing import Callable, ContextManager, Optional, Sequence
 import torch
 from torch import Tensor
 
+from gptcore.captured_step import record
 from gptcore.ops import device_time_first
 
 MODES = ("auto", "on", "off")
@@ -253,8 +254,7 @@ class GraphedStep:
             raise RuntimeError(f"GraphedStep: {len(missing)} parameter(s) got no gradient in the warm-up "
                                f"(first: #{missing[0]}); a graph needs every grad to exist before capture")
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body()
+        record(graph, self._body)
         self.graph = graph
 
     def replay(self, lr: float) -> Tensor:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -98,15 +97,22 @@ def _triton_token_pick(logits):
     return logits.argmax(dim=-1)
 
 
-_MODE = threading.local()
+class _Mode:
+    device_first = False
+
+
+# process-wide, not thread-local: autograd runs CUDA backwards (and so grad checkpointing's
+# recompute of the forward) on its own device thread, which must see the mode the forward saw
+_MODE = _Mode()
 
 
 @contextmanager
 def device_time_first():
     """Inside: ops that trade host time for device time take the device-time variant. For code whose
     host work is not on the critical path: a step captured in a CUDA graph (gptcore.graph_step)
-    replays kernels with no Python, so the host cost of the variant is paid once, at capture."""
-    prev = getattr(_MODE, "device_first", False)
+    replays kernels with no Python, so the host cost of the variant is paid once, at capture.
+    The mode holds for every thread of the process while the block runs."""
+    prev = _MODE.device_first
     _MODE.device_first = True
     try:
         yield
@@ -115,7 +121,7 @@ def device_time_first():
 
 
 def device_time_first_on() -> bool:
-    return getattr(_MODE, "device_first", False)
+    return _MODE.device_first
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ def _triton_ops() -> Ops:
 
     def linear(x, weight, bias=None):
         """F.linear; inside device_time_first() on CUDA with grad, the fp32-gradient backward."""
-        if (getattr(_MODE, "device_first", False) and x.is_cuda and torch.is_grad_enabled()
+        if (_MODE.device_first and x.is_cuda and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return device_linear(x, weight, bias)
         return F.linear(x, weight, bias)

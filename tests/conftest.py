@@ -71,6 +71,19 @@ def _seed_from_node_id(request):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _cuda_rng_still_draws(request):
+    """After a GPU test: the CUDA RNG still draws. A CUDA graph capture that fails can leave the
+    generator in capture mode; every later random op in the worker then fails, far from the cause.
+    This names the test that left it so."""
+    yield
+    if ON_GPU and "gpu" in request.node.keywords:
+        try:
+            torch.rand(1, device="cuda")
+        except RuntimeError as e:
+            pytest.fail(f"this test left the CUDA RNG unusable for the tests after it: {e}")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

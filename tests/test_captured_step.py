@@ -63,3 +63,34 @@ def test_a_failed_capture_says_why_and_undoes_the_warmup():
     assert step is None
     assert why.startswith("eager (CUDA graph capture failed: "), why
     assert float(state) == 0
+    # the CUDA RNG still works: the failed capture must not leave the generator in capture mode
+    assert torch.randn(4, device="cuda").isfinite().all()
+
+
+@pytest.mark.parametrize("draws_inside", [False, True], ids=["no-rng-in-fn", "rng-in-fn"])
+def test_random_ops_work_after_a_failed_graph_step_capture(draws_inside):
+    """The training step's capture (gptcore.graph_step) goes through the same recorder: after it fails,
+    dropout, init and sampling still draw (before the fix: "Offset increment outside graph capture")."""
+    from gptcore.captured_step import record
+
+    x = torch.ones(8, device="cuda")
+
+    def body():
+        y = torch.rand_like(x) if draws_inside else x + 1
+        return y * float(y.sum())      # fails the capture
+
+    with pytest.raises(RuntimeError):
+        record(torch.cuda.CUDAGraph(), body)
+    torch.cuda.synchronize()
+    a = torch.randn(16, device="cuda")
+    torch.manual_seed(5)
+    b, c = torch.rand(16, device="cuda"), torch.rand(16, device="cuda")
+    torch.manual_seed(5)
+    assert torch.equal(b, torch.rand(16, device="cuda")) and not torch.equal(b, c) and a.isfinite().all()
+    # and a later capture with random ops inside still captures and replays
+    step = CapturedStep(lambda: torch.rand_like(x))
+    out = step.capture()
+    first = step.replay().clone()
+    step.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(first, out)  # each replay draws fresh numbers

@@ -245,7 +245,10 @@ def test_gpu_graph_with_compile_matches_the_compiled_eager_step(tmp_path):
     rc_g, log_g = _gpu_run(tmp_path / "graph", "--cuda-graph", "on", *common)
     assert rc_e == rc_g == 0 and "cuda graph: captured" in log_g
     le, lg = metrics(tmp_path / "eager"), metrics(tmp_path / "graph")
-    assert all(math.isclose(le[s], lg[s], rel_tol=1e-5) for s in le), (le, lg)
+    # not bit for bit: Inductor compiles the captured step's graphs afresh (grads made by the first
+    # backward, the fused clip), and its bf16 reductions may be ordered differently: 1e-4 relative is
+    # ~80x tighter than one bf16 rounding, and far below what a wrong step changes
+    assert all(math.isclose(le[s], lg[s], rel_tol=1e-4) for s in le), (le, lg)
 
 
 @pytest.mark.gpu

@@ -116,3 +116,22 @@ def test_ops_linear_switches_only_inside_device_time_first():
         with torch.no_grad():
             assert t.linear(x, w).grad_fn is None
     assert kind(t.linear(x, w)) == plain  # the mode ends with the block
+
+
+def test_device_time_first_holds_on_other_threads():
+    """Autograd runs CUDA backwards, and with them grad checkpointing's recompute of the forward, on a
+    device thread: the mode must reach it, or the recompute takes F.linear where the forward took the
+    device-time Function (torch.utils.checkpoint: "different metadata than during the forward")."""
+    import threading
+
+    from gptcore.ops import device_time_first_on
+
+    seen = []
+    with device_time_first():
+        t = threading.Thread(target=lambda: seen.append(device_time_first_on()))
+        t.start()
+        t.join()
+    t = threading.Thread(target=lambda: seen.append(device_time_first_on()))
+    t.start()
+    t.join()
+    assert seen == [True, False]
